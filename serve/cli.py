@@ -1,0 +1,214 @@
+"""The `llmserve` command: up, gateway, engine, models, keys, config check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from serve.config.gateway import GatewayFile, build_settings
+from serve.config.keys import create_key, load_keys, revoke_key
+from serve.config.loader import ConfigError, load_model
+from serve.config.model_file import load_model_file
+from serve.models.prepare import ModelPrepareError
+
+DEFAULT_MODEL = "configs/models/smollm2-135m-cpu.yaml"
+DEFAULT_GATEWAY = "configs/gateway.yaml"
+
+
+def setup_logging(level: str = "info") -> None:
+    from serve.gateway.middleware import RequestIdFilter
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("LLMSERVE_HOME", ".llmserve"))
+
+
+def read_gateway_file(path: str) -> GatewayFile:
+    p = Path(path)
+    return load_model(GatewayFile, p, empty_ok=True) if p.exists() else GatewayFile()
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from serve.stack import Stack, run_stack
+
+    gateway = read_gateway_file(args.gateway_config)
+    gateway = gateway.model_copy(update={"host": args.host or gateway.host, "port": args.port or gateway.port})
+    models = [(Path(path), load_model_file(path)) for path in args.model]
+    stack = Stack(gateway_file=gateway, models=models, state_dir=state_dir())
+    return asyncio.run(run_stack(stack))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve.gateway.app import create_app
+
+    file = read_gateway_file(args.config)
+    update: dict[str, object] = {}
+    if args.host:
+        update["host"] = args.host
+    if args.port:
+        update["port"] = args.port
+    file = file.model_copy(update=update)
+    settings = build_settings(file, base_dir=Path.cwd())
+    setup_logging(file.log_level)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=file.host,
+        port=file.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=int(file.drain_timeout),
+        timeout_keep_alive=30,
+    )
+    uvicorn.Server(config).run()
+    return 0
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    """Run one engine in the foreground (containers): exec vLLM with the flags built from the model file."""
+    from serve.engine.command import build_engine_command
+    from serve.models.prepare import prepare_model
+
+    model = load_model_file(args.model_file)
+    weights = args.weights or str(prepare_model(model))
+    cmd = build_engine_command(model, weights, args.host, args.port)
+    if args.print:
+        print(" ".join(cmd.argv))
+        return 0
+    os.execvpe(cmd.argv[0], cmd.argv, {**os.environ, **cmd.env})
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    from serve.models.prepare import prepare_model, prepare_source
+
+    if args.ref.endswith((".yaml", ".yml")) and Path(args.ref).is_file():
+        path = prepare_model(load_model_file(args.ref))
+    else:
+        path = prepare_source(args.ref)
+    print(path)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    models = [m for m in (args.models or "").split(",") if m]
+    plain, record = create_key(Path(args.keys_file), name=args.name, models=models)
+    print(f"created {record.id} ({record.name}); the key is shown only once:\n{plain}")
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    for record in load_keys(Path(args.keys_file)).keys:
+        models = ",".join(record.models) or "*"
+        state = "disabled" if record.disabled else "active"
+        print(f"{record.id}\t{record.name}\t{models}\t{state}\t{record.created.isoformat()}")
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    if not revoke_key(Path(args.keys_file), args.id):
+        print(f"error: no key with id {args.id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.id}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from serve.engine.validate import EngineArgsError, check_engine_args
+
+    failed = 0
+    for path in args.files:
+        try:
+            model = load_model_file(path)
+            if not args.no_engine:
+                check_engine_args(model)
+        except (ConfigError, EngineArgsError) as exc:
+            print(f"FAIL {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"ok   {path} ({model.name}, {model.engine.device}, TPxPP={model.engine.world_size})")
+    return 1 if failed else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmserve", description="LLM serving on vLLM behind an OpenAI-compatible gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start engines and the gateway; Ctrl-C drains and stops everything")
+    up.add_argument(
+        "--model",
+        action="append",
+        help=f"model file (repeatable; default {DEFAULT_MODEL}, env LLMSERVE_MODEL)",
+    )
+    up.add_argument("--host", default=os.environ.get("LLMSERVE_HOST"), help="gateway host (env LLMSERVE_HOST)")
+    port = os.environ.get("LLMSERVE_PORT")
+    up.add_argument("--port", type=int, default=int(port) if port else None, help="gateway port (env LLMSERVE_PORT)")
+    up.add_argument("--gateway-config", default=DEFAULT_GATEWAY)
+    up.set_defaults(func=cmd_up)
+
+    gw = sub.add_parser("gateway", help="run the gateway alone (engines elsewhere)")
+    gw.add_argument("--config", default=DEFAULT_GATEWAY)
+    gw.add_argument("--host")
+    gw.add_argument("--port", type=int)
+    gw.set_defaults(func=cmd_gateway)
+
+    eng = sub.add_parser("engine", help="run one vLLM engine for a model file in the foreground")
+    eng.add_argument("model_file")
+    eng.add_argument("--host", default="127.0.0.1")
+    eng.add_argument("--port", type=int, default=8100)
+    eng.add_argument("--weights", help="use this folder instead of preparing the model's source")
+    eng.add_argument("--print", action="store_true", help="print the command line instead of running it")
+    eng.set_defaults(func=cmd_engine)
+
+    models = sub.add_parser("models", help="prepare weights").add_subparsers(dest="models_command", required=True)
+    prep = models.add_parser("prepare", help="NAME | PATH | HF_ID | model file")
+    prep.add_argument("ref")
+    prep.set_defaults(func=cmd_models_prepare)
+
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    keys_file = str(state_dir() / "keys.yaml")
+    kc = keys.add_parser("create")
+    kc.add_argument("--name", required=True)
+    kc.add_argument("--models", help="comma-separated model names or aliases (default: all)")
+    kl = keys.add_parser("list")
+    kr = keys.add_parser("revoke")
+    kr.add_argument("id")
+    for sp, func in ((kc, cmd_keys_create), (kl, cmd_keys_list), (kr, cmd_keys_revoke)):
+        sp.add_argument("--keys-file", default=keys_file)
+        sp.set_defaults(func=func)
+
+    config = sub.add_parser("config", help="validate files").add_subparsers(dest="config_command", required=True)
+    check = config.add_parser("check", help="validate model files, engine flags through vLLM's own parser")
+    check.add_argument("files", nargs="+")
+    check.add_argument("--no-engine", action="store_true", help="skip the vLLM parser (when vLLM is not installed)")
+    check.set_defaults(func=cmd_config_check)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "up" and not args.model:
+        args.model = [os.environ.get("LLMSERVE_MODEL", DEFAULT_MODEL)]
+    if args.command != "gateway":
+        setup_logging("info")
+    try:
+        result: int = args.func(args)
+    except (ConfigError, ModelPrepareError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

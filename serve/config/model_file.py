@@ -1,0 +1,180 @@
+"""The model file: one YAML per model holding its engine settings and its gateway policy."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+
+from serve.config.loader import load_model
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+# Sampling parameters a model file may give defaults for. Anything else belongs to the client.
+SAMPLING_KEYS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "stop",
+        "seed",
+    }
+)
+
+# Flags that the launcher owns: passing them through extra_args would fight the typed settings.
+RESERVED_FLAGS = frozenset(
+    {
+        "--model",
+        "--served-model-name",
+        "--host",
+        "--port",
+        "--api-key",
+        "--tensor-parallel-size",
+        "-tp",
+        "--pipeline-parallel-size",
+        "-pp",
+        "--max-model-len",
+        "--dtype",
+    }
+)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineSettings(Strict):
+    """What the vLLM engine is started with. Each field maps to one vLLM flag or environment variable."""
+
+    device: Literal["cpu", "cuda"] = "cuda"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    max_model_len: int = Field(gt=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    pipeline_parallel_size: int = Field(default=1, ge=1)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    kv_cache_memory_gib: float | None = Field(default=None, gt=0)
+    max_num_seqs: int | None = Field(default=None, gt=0)
+    max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    enable_prefix_caching: bool | None = None
+    enable_chunked_prefill: bool | None = None
+    quantization: str | None = None
+    load_format: str | None = None
+    # "vllm" ignores the checkpoint's generation_config.json so the model file's defaults are the only defaults.
+    generation_config: str | None = None
+    trust_remote_code: bool = False
+    # vLLM waits this long for requests in flight when it is asked to stop.
+    shutdown_timeout: int = Field(default=30, ge=0)
+    # CPU backend: cores each tensor-parallel rank binds to, e.g. "0|1" for two ranks.
+    cpu_omp_threads_bind: str | None = None
+    replicas: int = Field(default=1, ge=1)
+    startup_timeout: float = Field(default=900, gt=0)
+    env: dict[str, str] = Field(default_factory=dict)
+    extra_args: list[str] = Field(default_factory=list)
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_reserved_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in RESERVED_FLAGS:
+                raise ValueError(f"{flag} is set by a typed field of the model file, not through extra_args")
+        return args
+
+    @field_validator("env")
+    @classmethod
+    def _no_secret_env(cls, env: dict[str, str]) -> dict[str, str]:
+        for key in env:
+            if key in {"VLLM_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}:
+                raise ValueError(f"{key} is a secret: it comes from the environment, never from a model file")
+        return env
+
+    @property
+    def world_size(self) -> int:
+        """Number of accelerators one replica needs (tensor parallel x pipeline parallel)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+class SyntheticWeights(Strict):
+    """A model made from a config and a tokenizer, with random weights (vLLM's `--load-format dummy`)."""
+
+    tokenizer_from: str
+    config: dict[str, Any]
+
+    @field_validator("config")
+    @classmethod
+    def _has_architecture(cls, config: dict[str, Any]) -> dict[str, Any]:
+        if "model_type" not in config:
+            raise ValueError("synthetic config needs model_type (e.g. llama)")
+        return config
+
+
+class Policy(Strict):
+    """What the gateway enforces and fills in for this model."""
+
+    max_tokens_cap: int = Field(default=1024, gt=0)
+    default_max_tokens: int | None = Field(default=None, gt=0)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("defaults")
+    @classmethod
+    def _only_sampling(cls, defaults: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(defaults) - SAMPLING_KEYS)
+        if unknown:
+            raise ValueError(f"not sampling parameters: {', '.join(unknown)} (allowed: {sorted(SAMPLING_KEYS)})")
+        return defaults
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> Policy:
+        if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_cap:
+            raise ValueError("default_max_tokens is above max_tokens_cap")
+        return self
+
+
+class ModelFile(Strict):
+    """One served model: identity, weights, engine settings, gateway policy and (optionally) static endpoints."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    aliases: list[str] = Field(default_factory=list)
+    # A bundled model name, a local folder, or a Hugging Face id (org/name). Not used with `synthetic`.
+    source: str | None = None
+    revision: str | None = None
+    synthetic: SyntheticWeights | None = None
+    engine: EngineSettings
+    policy: Policy = Field(default_factory=Policy)
+    # Engines not started by `up` (another host, a Kubernetes Service). Empty: `up` starts local replicas.
+    endpoints: list[HttpUrl] = Field(default_factory=list)
+
+    @field_validator("aliases")
+    @classmethod
+    def _alias_names(cls, aliases: list[str]) -> list[str]:
+        for alias in aliases:
+            if not re.match(NAME_PATTERN, alias):
+                raise ValueError(f"alias {alias!r} is not a valid model name")
+        return aliases
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelFile:
+        if self.name in self.aliases:
+            raise ValueError("an alias repeats the model's own name")
+        if (self.source is None) == (self.synthetic is None):
+            raise ValueError("give exactly one of source (real weights) and synthetic (random weights)")
+        if self.synthetic is not None and self.engine.load_format != "dummy":
+            raise ValueError("synthetic weights need engine.load_format: dummy")
+        if self.policy.max_tokens_cap >= self.engine.max_model_len:
+            raise ValueError("policy.max_tokens_cap must be below engine.max_model_len")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+def load_model_file(path: Path | str) -> ModelFile:
+    return load_model(ModelFile, Path(path))

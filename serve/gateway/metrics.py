@@ -1,0 +1,75 @@
+"""Gateway metrics on a per-app Prometheus registry, with bounded labels only."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+# Route label values: the templates the gateway serves. Anything else is "other", never the raw path.
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"})
+
+
+def route_label(path: str) -> str:
+    return path if path in ROUTES else "other"
+
+
+def status_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests_total",
+            "Requests answered, by model, route template and status class.",
+            ["model", "route", "status_class"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "gateway_errors_total",
+            "Requests that failed, by model and reason.",
+            ["model", "reason"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "End-to-end request duration (to the last byte of a stream).",
+            ["model", "route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first generated content sent to the client.",
+            ["model"],
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds",
+            "Time spent in the gateway before the upstream request is sent.",
+            ["model"],
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "gateway_prompt_tokens_total", "Prompt tokens, from the engine's usage.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "gateway_completion_tokens_total",
+            "Completion tokens, from the engine's usage.",
+            ["model"],
+            registry=r,
+        )
+        self.inflight = Gauge("gateway_inflight_requests", "Requests being proxied, by model.", ["model"], registry=r)
+        self.endpoint_up = Gauge(
+            "gateway_endpoint_up",
+            "1 when the engine endpoint passes its health check.",
+            ["model", "endpoint"],
+            registry=r,
+        )

@@ -1,0 +1,200 @@
+"""`up`: prepare models, start engines, wait for health, start the gateway, supervise, drain on a signal."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from serve.config.gateway import ENGINE_KEY_ENV, GatewayFile, ModelEntry
+from serve.config.keys import create_key, digest, load_keys
+from serve.config.model_file import ModelFile
+from serve.engine.command import build_engine_command
+from serve.engine.process import (
+    ChildProcess,
+    ProcessStartError,
+    die_with_parent,
+    free_port,
+    restart_with_backoff,
+)
+from serve.models.prepare import ModelPrepareError, prepare_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Engine:
+    model: ModelFile
+    url: str
+    child: ChildProcess
+    restarting: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Stack:
+    gateway_file: GatewayFile
+    models: list[tuple[Path, ModelFile]]
+    state_dir: Path
+    engines: list[Engine] = field(default_factory=list)
+    gateway: ChildProcess | None = None
+    stopping: bool = False
+
+
+def ensure_dev_key(keys_path: Path, key_path: Path) -> str:
+    """The key `make run` prints: created once, stored hashed in the keys file, plain in a 0600 file."""
+    if key_path.exists():
+        plain = key_path.read_text().strip()
+        if any(record.sha256 == digest(plain) for record in load_keys(keys_path).keys):
+            return plain
+    plain, record = create_key(keys_path, name="dev")
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(plain + "\n")
+    log.info("created API key %s; the plain key is in %s", record.id, key_path)
+    return plain
+
+
+def banner(url: str, key: str, key_path: Path, models: list[ModelFile]) -> str:
+    model = models[0].name
+    names = ", ".join(name for m in models for name in m.names)
+    return f"""
+llmserve is ready at {url}/v1   (models: {names})
+API key (also in {key_path}): {key}
+
+  curl {url}/v1/chat/completions \\
+    -H "Authorization: Bearer $(cat {key_path})" -H "Content-Type: application/json" \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  # Python, with the official OpenAI SDK:
+  from openai import OpenAI
+  client = OpenAI(base_url="{url}/v1", api_key=open("{key_path}").read().strip())
+  reply = client.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hi!"}}])
+  print(reply.choices[0].message.content)
+
+Ctrl-C drains the gateway and stops every engine.
+"""
+
+
+async def start_engines(stack: Stack, engine_key: str) -> None:
+    for _, model in stack.models:
+        weights = str(await asyncio.to_thread(prepare_model, model))
+        for replica in range(model.engine.replicas):
+            port = free_port()
+            cmd = build_engine_command(model, weights, "127.0.0.1", port)
+            child = ChildProcess(
+                name=f"engine {model.name}#{replica}",
+                argv=cmd.argv,
+                env={**cmd.env, "VLLM_API_KEY": engine_key},
+                log_path=stack.state_dir / "logs" / f"engine-{model.name.replace('/', '_')}-{replica}.log",
+            )
+            stack.engines.append(Engine(model=model, url=f"http://127.0.0.1:{port}", child=child))
+    for engine in stack.engines:
+        await engine.child.start()
+    print(f"waiting for {len(stack.engines)} engine(s); logs in {stack.state_dir / 'logs'}", file=sys.stderr)
+    await asyncio.gather(
+        *(e.child.wait_healthy(f"{e.url}/health", e.model.engine.startup_timeout) for e in stack.engines)
+    )
+
+
+def write_runtime_config(stack: Stack) -> Path:
+    """The gateway's settings for this run: the model files and the engines just started for them."""
+    entries = [
+        ModelEntry(file=path.resolve(), endpoints=[e.url for e in stack.engines if e.model is model])
+        for path, model in stack.models
+    ]
+    runtime = stack.gateway_file.model_copy(
+        update={"models": entries, "keys_file": stack.gateway_file.keys_file.resolve()}
+    )
+    path = stack.state_dir / "run" / "gateway.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(runtime.model_dump(mode="json"), sort_keys=False))
+    return path
+
+
+async def supervise(stack: Stack, stop: asyncio.Event) -> int:
+    """Restart engines that die (the gateway marks them down meanwhile); return when asked to stop."""
+    waits = {asyncio.ensure_future(e.child.wait()): e for e in stack.engines}
+    assert stack.gateway is not None
+    gateway_wait = asyncio.ensure_future(stack.gateway.wait())
+    stop_wait = asyncio.ensure_future(stop.wait())
+    while True:
+        done, _ = await asyncio.wait({*waits, gateway_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_wait in done:
+            break
+        if gateway_wait in done:
+            log.error("the gateway exited with code %s: stopping the stack", gateway_wait.result())
+            stop_wait.cancel()
+            break
+        for fut in done:
+            engine = waits.pop(fut)
+            log.error("%s exited with code %s; restarting it", engine.child.name, fut.result())
+
+            async def revive(e: Engine = engine) -> None:
+                await restart_with_backoff(
+                    e.child, f"{e.url}/health", e.model.engine.startup_timeout, lambda: stop.is_set()
+                )
+                if not stop.is_set():
+                    waits[asyncio.ensure_future(e.child.wait())] = e
+
+            engine.restarting = asyncio.create_task(revive())
+    for fut in waits:
+        fut.cancel()
+    return 0 if stop.is_set() else 1
+
+
+async def shutdown(stack: Stack) -> None:
+    """Drain the gateway first (it finishes requests in flight), then stop the engines."""
+    stack.stopping = True
+    if stack.gateway is not None:
+        await stack.gateway.stop(grace=stack.gateway_file.drain_timeout + 5)
+    for engine in stack.engines:
+        if engine.restarting is not None:
+            engine.restarting.cancel()
+    await asyncio.gather(*(e.child.stop(grace=e.model.engine.shutdown_timeout + 10) for e in stack.engines))
+
+
+async def run_stack(stack: Stack) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    die_with_parent()
+    keys_path = stack.gateway_file.keys_file
+    key_path = stack.state_dir / "dev-key"
+    plain = ensure_dev_key(keys_path, key_path)
+    engine_key = os.environ.get(ENGINE_KEY_ENV) or secrets.token_urlsafe(32)
+    try:
+        starting = asyncio.ensure_future(start_engines(stack, engine_key))
+        stop_wait = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            starting.cancel()
+            return 130
+        stop_wait.cancel()
+        starting.result()
+        runtime = write_runtime_config(stack)
+        stack.gateway = ChildProcess(
+            name="gateway",
+            argv=[sys.executable, "-m", "serve.cli", "gateway", "--config", str(runtime)],
+            env={ENGINE_KEY_ENV: engine_key},
+            log_path=None,
+        )
+        await stack.gateway.start()
+        url = f"http://{stack.gateway_file.host}:{stack.gateway_file.port}"
+        await stack.gateway.wait_healthy(f"{url}/readyz", within=60, interval=0.25)
+        print(banner(url, plain, key_path, [m for _, m in stack.models]), flush=True)
+        return await supervise(stack, stop)
+    except (ProcessStartError, ModelPrepareError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await shutdown(stack)
+        print("llmserve stopped; no engine left running", file=sys.stderr)

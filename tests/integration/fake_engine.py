@@ -1,0 +1,86 @@
+"""A fault-injecting stand-in for a vLLM engine (fault tests only; happy paths also run against real vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+
+@dataclass
+class FakeEngine:
+    healthy: bool = True
+    # "ok", "status" (answer with `status`), "die" (close the connection mid-stream)
+    mode: str = "ok"
+    status: int = 500
+    chunks: int = 3
+    delay: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    aborted: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+    sent_at: list[float] = field(default_factory=list)
+
+    def app(self) -> Starlette:
+        return Starlette(
+            routes=[
+                Route("/health", self.health),
+                Route("/v1/chat/completions", self.generate, methods=["POST"]),
+                Route("/v1/completions", self.generate, methods=["POST"]),
+            ]
+        )
+
+    async def health(self, _: Request) -> Response:
+        return Response(status_code=200 if self.healthy else 503)
+
+    async def generate(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        if self.mode == "status":
+            error = {"error": {"message": f"fake says {self.status}", "type": "X", "param": None, "code": None}}
+            return JSONResponse(error, status_code=self.status)
+        usage = {"prompt_tokens": 7, "completion_tokens": self.chunks, "total_tokens": 7 + self.chunks}
+        if not body.get("stream"):
+            await asyncio.sleep(self.delay)
+            text = "".join(f"tok{i} " for i in range(self.chunks))
+            message = {"role": "assistant", "content": text}
+            return JSONResponse(
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "choices": [{"index": 0, "message": message}],
+                    "usage": usage,
+                }
+            )
+        return StreamingResponse(self.stream(body, usage), media_type="text/event-stream")
+
+    async def stream(self, body: dict[str, Any], usage: dict[str, int]) -> AsyncIterator[bytes]:
+        def event(data: dict[str, Any]) -> bytes:
+            return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+        base = {"id": "x", "object": "chat.completion.chunk", "model": body["model"]}
+        try:
+            yield event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            for i in range(self.chunks):
+                await asyncio.sleep(self.delay)
+                if self.mode == "die" and i == 1:
+                    raise RuntimeError("fake engine dies mid-stream")
+                self.sent_at.append(time.monotonic())
+                yield event({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]})
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield event({**base, "choices": [], "usage": usage})
+            yield b"data: [DONE]\n\n"
+            self.finished.set()
+        except asyncio.CancelledError:
+            self.aborted.set()
+            raise

@@ -1,0 +1,207 @@
+"""The gateway over real HTTP: auth, routing, policy and every error in the OpenAI envelope."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from serve.config.keys import create_key
+from tests.integration.conftest import ENGINE_KEY, Gateway
+
+
+def client(gw: Gateway, key: str | None = None) -> OpenAI:
+    return OpenAI(base_url=gw.v1, api_key=key or gw.key, max_retries=0)
+
+
+def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) -> dict[str, object]:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return dict(error)
+
+
+def test_chat_is_forwarded_with_policy_and_internal_key(gateway: Gateway) -> None:
+    answer = client(gateway).chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}])
+    assert answer.choices[0].message.content == "tok0 tok1 tok2 "
+    sent = gateway.engine.requests[-1]
+    assert sent["model"] == "fake-model"
+    assert sent["max_tokens"] == 16 and sent["temperature"] == 0.3
+    headers = gateway.engine.headers[-1]
+    assert headers["authorization"] == f"Bearer {ENGINE_KEY}"
+    assert gateway.key not in str(headers)
+
+
+def test_completions_route(gateway: Gateway) -> None:
+    answer = client(gateway).completions.create(model="fake-model", prompt="x", max_tokens=5)
+    assert answer.usage is not None and answer.usage.prompt_tokens == 7
+    assert gateway.engine.requests[-1]["max_tokens"] == 5
+
+
+def test_models_lists_names_and_aliases(gateway: Gateway) -> None:
+    ids = {m.id for m in client(gateway).models.list()}
+    assert ids == {"fake-model", "fake", "dead-model"}
+
+
+def test_key_limited_to_a_model(gateway: Gateway) -> None:
+    limited, _ = create_key(gateway.keys_path, "limited", models=["fake"])
+    deadline = time.monotonic() + 10
+    while True:  # the gateway picks up the changed keys file on its own
+        try:
+            ids = {m.id for m in client(gateway, limited).models.list()}
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "new key not picked up"
+            time.sleep(0.2)
+    assert ids == {"fake-model", "fake"}
+    with pytest.raises(openai.PermissionDeniedError):
+        client(gateway, limited).chat.completions.create(
+            model="dead-model", messages=[{"role": "user", "content": "x"}]
+        )
+
+
+def test_wrong_and_missing_key_are_401_envelopes(gateway: Gateway) -> None:
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(gateway, "sk-wrong").models.list()
+    assert err.value.status_code == 401
+    for headers in ({}, {"authorization": "Bearer"}, {"authorization": f"Basic {gateway.key}"}):
+        resp = httpx.post(f"{gateway.v1}/chat/completions", json={}, headers=headers)
+        assert_envelope(resp, 401, "invalid_api_key")
+        assert resp.headers["www-authenticate"] == "Bearer"
+    assert gateway.engine.requests == []
+
+
+def test_unknown_model_is_404(gateway: Gateway) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(gateway).chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert err.value.code == "model_not_found"
+    assert gateway.engine.requests == []
+
+
+@pytest.mark.parametrize(
+    "content, status, code",
+    [
+        (b"{not json", 400, "invalid_json"),
+        (b"[1, 2]", 400, "invalid_json"),
+        (b'{"messages": []}', 400, "missing_required_parameter"),
+        (b'{"model": "fake", "messages": "hi"}', 400, "invalid_value"),
+        (
+            b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 101}',
+            400,
+            "max_tokens_above_cap",
+        ),
+        (
+            b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}',
+            400,
+            "invalid_type",
+        ),
+        (
+            b'{"model": "fake", "messages": [{"role": "user", "content": "' + b"x" * 70000 + b'"}]}',
+            413,
+            "request_too_large",
+        ),
+    ],
+    ids=["bad-json", "not-object", "no-model", "messages-type", "above-cap", "stream-type", "too-large"],
+)
+def test_bad_requests_never_reach_the_engine(gateway: Gateway, content: bytes, status: int, code: str) -> None:
+    resp = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        content=content,
+        headers={"authorization": f"Bearer {gateway.key}", "content-type": "application/json"},
+    )
+    assert_envelope(resp, status, code)
+    assert gateway.engine.requests == []
+
+
+def test_unknown_route_and_method_are_envelopes(gateway: Gateway) -> None:
+    auth = {"authorization": f"Bearer {gateway.key}"}
+    assert_envelope(httpx.get(f"{gateway.v1}/nothing", headers=auth), 404)
+    assert_envelope(httpx.get(f"{gateway.v1}/chat/completions", headers=auth), 405)
+
+
+@pytest.mark.parametrize("upstream, expected", [(500, 502), (400, 400), (503, 503)])
+def test_engine_errors_become_envelopes(gateway: Gateway, upstream: int, expected: int) -> None:
+    gateway.engine.mode, gateway.engine.status = "status", upstream
+    resp = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "fake", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": f"Bearer {gateway.key}"},
+    )
+    error = assert_envelope(resp, expected)
+    assert f"fake says {upstream}" in str(error["message"])
+
+
+def test_dead_engine_is_503_with_retry_after(gateway: Gateway) -> None:
+    resp = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "dead-model", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": f"Bearer {gateway.key}"},
+    )
+    assert_envelope(resp, 503)
+    assert resp.headers["retry-after"] == "1"
+
+
+def test_health_and_readiness(gateway: Gateway) -> None:
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    # dead-model has no live engine: the gateway is not ready.
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert_envelope(ready, 503, "not_ready")
+    assert "dead-model" in ready.json()["error"]["message"]
+
+
+def test_readiness_follows_engine_health(tmp_path: object, fake_engine: tuple[object, str]) -> None:
+    from pathlib import Path
+
+    from serve.config.gateway import GatewayFile, build_settings
+    from serve.gateway.app import create_app
+    from tests.integration.conftest import model_file
+    from tests.servers import run_server
+
+    engine, url = fake_engine
+    assert isinstance(tmp_path, Path)
+    file = GatewayFile(
+        keys_file=tmp_path / "keys.yaml",
+        models=[{"file": model_file(tmp_path, "m", url, [])}],  # type: ignore[list-item]
+        health_interval=0.2,
+    )
+    with run_server(create_app(build_settings(file, base_dir=tmp_path))) as gw:
+        assert httpx.get(f"{gw}/readyz").status_code == 200
+        engine.healthy = False  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{gw}/readyz").status_code == 200:
+            assert time.monotonic() < deadline, "gateway still ready with its only engine down"
+            time.sleep(0.1)
+        engine.healthy = True  # type: ignore[attr-defined]
+        while httpx.get(f"{gw}/readyz").status_code != 200:
+            assert time.monotonic() < deadline + 5, "gateway did not become ready again"
+            time.sleep(0.1)
+
+
+def test_request_id_is_returned_and_forwarded(gateway: Gateway) -> None:
+    headers = {"authorization": f"Bearer {gateway.key}", "x-request-id": "abc-123"}
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+    resp = httpx.post(f"{gateway.v1}/chat/completions", json=body, headers=headers)
+    assert resp.headers["x-request-id"] == "abc-123"
+    assert gateway.engine.headers[-1]["x-request-id"] == "abc-123"
+    bad = httpx.post(f"{gateway.v1}/chat/completions", json=body, headers={**headers, "x-request-id": "has space!"})
+    assert bad.headers["x-request-id"] != "has space!" and len(bad.headers["x-request-id"]) == 32
+
+
+def test_metrics_count_requests_and_tokens(gateway: Gateway) -> None:
+    c = client(gateway)
+    c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    text = httpx.get(f"{gateway.url}/metrics").text
+    assert 'gateway_requests_total{model="fake-model",route="/v1/chat/completions",status_class="2xx"} 1.0' in text
+    assert 'gateway_requests_total{model="none",route="/v1/chat/completions",status_class="4xx"} 1.0' in text
+    assert 'gateway_prompt_tokens_total{model="fake-model"} 7.0' in text
+    assert 'gateway_completion_tokens_total{model="fake-model"} 3.0' in text
+    assert 'gateway_time_to_first_token_seconds_count{model="fake-model"} 1.0' in text
+    assert gateway.key not in text
