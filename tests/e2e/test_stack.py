@@ -1,0 +1,144 @@
+"""The real stack: vLLM's CPU engine serving SmolLM2 behind the gateway, called with the official OpenAI client."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from tests.e2e.conftest import RunningStack
+
+pytestmark = pytest.mark.e2e
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def client(stack: RunningStack, key: str | None = None) -> OpenAI:
+    return OpenAI(base_url=stack.v1, api_key=key or stack.key, max_retries=0, timeout=120)
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and labels in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_chat_answers_paris(stack: RunningStack) -> None:
+    reply = client(stack).chat.completions.create(model=stack.model, messages=QUESTION, temperature=0, max_tokens=30)
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.model == stack.model
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+
+def test_alias_resolves_to_the_served_model(stack: RunningStack) -> None:
+    reply = client(stack).chat.completions.create(model="smollm2", messages=QUESTION, temperature=0, max_tokens=5)
+    assert reply.model == stack.model
+
+
+def test_streamed_chat_with_usage(stack: RunningStack) -> None:
+    chunks = list(
+        client(stack).chat.completions.create(
+            model=stack.model,
+            messages=QUESTION,
+            temperature=0,
+            max_tokens=30,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Paris" in text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3, "streamed token by token"
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens > 0 and not chunks[-1].choices
+
+
+def test_stream_without_usage_gets_no_usage_chunk(stack: RunningStack) -> None:
+    chunks = list(
+        client(stack).chat.completions.create(model=stack.model, messages=QUESTION, max_tokens=8, stream=True)
+    )
+    assert chunks and all(c.usage is None for c in chunks)
+    assert all(c.choices for c in chunks)
+
+
+def test_completions(stack: RunningStack) -> None:
+    reply = client(stack).completions.create(
+        model=stack.model, prompt="The capital of France is", max_tokens=5, temperature=0
+    )
+    assert "Paris" in reply.choices[0].text
+
+
+def test_models_list(stack: RunningStack) -> None:
+    assert {m.id for m in client(stack).models.list()} == {stack.model, "smollm2", "default"}
+
+
+def test_wrong_key_is_401(stack: RunningStack) -> None:
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(stack, "sk-llms-wrong").chat.completions.create(model=stack.model, messages=QUESTION)
+    assert err.value.body is not None and err.value.code == "invalid_api_key"
+
+
+def test_unknown_model_is_404(stack: RunningStack) -> None:
+    with pytest.raises(openai.NotFoundError) as err:
+        client(stack).chat.completions.create(model="gpt-4", messages=QUESTION)
+    assert err.value.code == "model_not_found"
+
+
+def test_max_tokens_above_cap_is_400(stack: RunningStack) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        client(stack).chat.completions.create(model=stack.model, messages=QUESTION, max_tokens=100_000)
+    assert err.value.code == "max_tokens_above_cap"
+
+
+def test_engine_refuses_client_keys(stack: RunningStack) -> None:
+    body = {"model": stack.model, "messages": QUESTION, "max_tokens": 2}
+    direct = httpx.post(
+        f"{stack.engine_url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {stack.key}"}
+    )
+    assert direct.status_code == 401
+    assert stack.engine_url.startswith("http://127.0.0.1:")
+
+
+def test_disconnect_aborts_generation_in_the_engine(stack: RunningStack) -> None:
+    body = {
+        "model": stack.model,
+        "messages": [{"role": "user", "content": "Count from one to a thousand."}],
+        "max_tokens": 1000,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    headers = {"authorization": f"Bearer {stack.key}"}
+    engine_headers = {"authorization": f"Bearer {stack.engine_key}"}
+    generated_before = metric(httpx.get(f"{stack.engine_url}/metrics").text, "vllm:generation_tokens_total")
+    with httpx.stream("POST", f"{stack.v1}/chat/completions", json=body, headers=headers, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        for _ in range(6):
+            next(lines)
+    # The client is gone after ~5 of 1000 tokens: the engine must stop generating, not finish the request.
+    deadline = time.monotonic() + 15
+    while True:
+        engine = httpx.get(f"{stack.engine_url}/metrics", headers=engine_headers).text
+        gateway = httpx.get(f"{stack.url}/metrics").text
+        running = metric(engine, "vllm:num_requests_running")
+        inflight = metric(gateway, "gateway_inflight_requests")
+        if running == 0 and inflight == 0:
+            break
+        assert time.monotonic() < deadline, f"still running after disconnect: engine={running} gateway={inflight}"
+        time.sleep(0.2)
+    generated = metric(engine, "vllm:generation_tokens_total") - generated_before
+    assert 0 < generated < 1000, f"the engine generated {generated} tokens for a request abandoned after ~5"
+
+
+def test_gateway_metrics_count_tokens_from_engine_usage(stack: RunningStack) -> None:
+    client(stack).chat.completions.create(model=stack.model, messages=QUESTION, max_tokens=4, stream=True)
+    text = httpx.get(f"{stack.url}/metrics").text
+    assert metric(text, "gateway_completion_tokens_total", f'model="{stack.model}"') > 0
+    assert metric(text, "gateway_prompt_tokens_total", f'model="{stack.model}"') > 0
+    assert re.search(r'gateway_time_to_first_token_seconds_count\{model="[^"]+"\} [1-9]', text)
+    assert stack.key not in text
