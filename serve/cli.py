@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from serve.config.gateway import GatewayFile, build_settings
@@ -101,18 +102,50 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def expiry_from_args(args: argparse.Namespace) -> datetime | None:
+    if args.ttl_days is not None:
+        return datetime.now(UTC).replace(microsecond=0) + timedelta(days=args.ttl_days)
+    if args.expires is None:
+        return None
+    try:
+        expires = datetime.fromisoformat(args.expires)
+    except ValueError as exc:
+        raise ConfigError(f"--expires: not an ISO 8601 date or time: {args.expires!r}") from exc
+    expires = expires if expires.tzinfo is not None else expires.replace(tzinfo=UTC)
+    if expires <= datetime.now(UTC):
+        raise ConfigError(f"--expires: {expires.isoformat()} is already past")
+    return expires
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     models = [m for m in (args.models or "").split(",") if m]
-    plain, record = create_key(Path(args.keys_file), name=args.name, models=models)
+    plain, record = create_key(
+        Path(args.keys_file),
+        name=args.name,
+        models=models,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        max_concurrency=args.max_concurrency,
+        expires=expiry_from_args(args),
+    )
     print(f"created {record.id} ({record.name}); the key is shown only once:\n{plain}")
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
+    def limit(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    now = datetime.now(UTC)
+    print("id\tname\tmodels\tstate\trpm\ttpm\tconcurrency\texpires\tcreated")
     for record in load_keys(Path(args.keys_file)).keys:
         models = ",".join(record.models) or "*"
-        state = "disabled" if record.disabled else "active"
-        print(f"{record.id}\t{record.name}\t{models}\t{state}\t{record.created.isoformat()}")
+        state = "disabled" if record.disabled else "expired" if record.expired(now) else "active"
+        expires = record.expires.isoformat() if record.expires else "-"
+        print(
+            f"{record.id}\t{record.name}\t{models}\t{state}\t{limit(record.rpm)}\t{limit(record.tpm)}"
+            f"\t{limit(record.max_concurrency)}\t{expires}\t{record.created.isoformat()}"
+        )
     return 0
 
 
@@ -139,6 +172,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             continue
         print(f"ok   {path} ({model.name}, {model.engine.device}, TPxPP={model.engine.world_size})")
     return 1 if failed else 0
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -181,6 +224,14 @@ def parser() -> argparse.ArgumentParser:
     kc = keys.add_parser("create")
     kc.add_argument("--name", required=True)
     kc.add_argument("--models", help="comma-separated model names or aliases (default: all)")
+    kc.add_argument("--rpm", type=positive_int, help="requests per minute (default: unlimited)")
+    kc.add_argument("--tpm", type=positive_int, help="tokens per minute, prompt + completion (default: unlimited)")
+    kc.add_argument("--max-concurrency", type=positive_int, help="requests in flight at once (default: unlimited)")
+    expiry = kc.add_mutually_exclusive_group()
+    expiry.add_argument(
+        "--expires", help="expiry as ISO 8601, e.g. 2030-01-31 or 2030-01-31T12:00:00+02:00 (UTC if no offset)"
+    )
+    expiry.add_argument("--ttl-days", type=positive_int, help="expire this many days from now")
     kl = keys.add_parser("list")
     kr = keys.add_parser("revoke")
     kr.add_argument("id")

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from serve.config.loader import load_model
 from serve.config.model_file import Strict
@@ -25,7 +25,26 @@ class KeyRecord(Strict):
     created: datetime
     # Served names or aliases this key may use; empty means every model.
     models: list[str] = Field(default_factory=list)
+    # Limits; absent means unlimited. See serve.gateway.limits for how each is enforced.
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    max_concurrency: int | None = Field(default=None, gt=0)
+    expires: datetime | None = None
     disabled: bool = False
+
+    @field_validator("created", "expires")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        # A hand-written timestamp without an offset is read as UTC, so that it compares with the clock.
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires is not None and (now or datetime.now(UTC)) >= self.expires
+
+    def usable(self, now: datetime | None = None) -> bool:
+        return not self.disabled and not self.expired(now)
 
 
 class KeysFile(Strict):
@@ -40,12 +59,13 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
-def find_key(keys: KeysFile, presented: str) -> KeyRecord | None:
-    """Return the record whose digest matches, comparing every record in constant time."""
+def find_key(keys: KeysFile, presented: str, now: datetime | None = None) -> KeyRecord | None:
+    """Return the usable record whose digest matches (not disabled, not expired), comparing every record."""
     wanted = digest(presented)
+    now = now or datetime.now(UTC)
     found: KeyRecord | None = None
     for record in keys.keys:
-        if hmac.compare_digest(record.sha256, wanted) and not record.disabled:
+        if hmac.compare_digest(record.sha256, wanted) and record.usable(now):
             found = record
     return found
 
@@ -60,14 +80,24 @@ def save_keys(path: Path, keys: KeysFile) -> None:
     """Write atomically with mode 0600: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    data = keys.model_dump(mode="json")
+    # Unset limits are left out rather than written as nulls: the file stays readable by hand.
+    data = keys.model_dump(mode="json", exclude_none=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         yaml.safe_dump(data, fh, sort_keys=False)
     os.replace(tmp, path)
 
 
-def create_key(path: Path, name: str, models: list[str] | None = None) -> tuple[str, KeyRecord]:
+def create_key(
+    path: Path,
+    name: str,
+    models: list[str] | None = None,
+    *,
+    rpm: int | None = None,
+    tpm: int | None = None,
+    max_concurrency: int | None = None,
+    expires: datetime | None = None,
+) -> tuple[str, KeyRecord]:
     """Add a new key to the file; returns the plain key (shown once) and its record."""
     keys = load_keys(path)
     plain = generate_key()
@@ -77,6 +107,10 @@ def create_key(path: Path, name: str, models: list[str] | None = None) -> tuple[
         sha256=digest(plain),
         created=datetime.now(UTC).replace(microsecond=0),
         models=list(models or []),
+        rpm=rpm,
+        tpm=tpm,
+        max_concurrency=max_concurrency,
+        expires=expires,
     )
     save_keys(path, KeysFile(keys=[*keys.keys, record]))
     return plain, record
