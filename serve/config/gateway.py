@@ -5,19 +5,43 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from serve.config.loader import ConfigError, load_model
 from serve.config.model_file import ModelFile, Strict, load_model_file
 
 ENGINE_KEY_ENV = "LLMSERVE_ENGINE_KEY"
+REDIS_URL_ENV = "LLMSERVE_REDIS_URL"
 
 
 class Timeouts(Strict):
     connect: float = Field(default=5.0, gt=0)
     # Longest wait for the next bytes from an engine (first byte or between stream chunks).
     read: float = Field(default=600.0, gt=0)
+
+
+class LimitsSettings(Strict):
+    """Where per-key limits are counted: in each gateway process, or in one Redis shared by every replica."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    # A URL may carry a password, so the environment (LLMSERVE_REDIS_URL) is the better place for it.
+    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
+    key_prefix: str = Field(default="llmserve:limits:", min_length=1)
+    # How long the concurrency slots of a gateway that died stay taken; a live gateway renews its own.
+    slot_lease: float = Field(default=60.0, ge=3)
+    # Connect and reply timeout for each Redis call: a hung Redis must not hang admission.
+    redis_timeout: float = Field(default=1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> LimitsSettings:
+        if self.backend == "redis" and not self.resolved_redis_url():
+            raise ValueError(f"backend redis needs redis_url (or the environment variable {REDIS_URL_ENV})")
+        return self
+
+    def resolved_redis_url(self) -> str | None:
+        return self.redis_url or os.environ.get(REDIS_URL_ENV) or None
 
 
 class ModelEntry(Strict):
@@ -38,6 +62,7 @@ class GatewayFile(Strict):
     # Seconds requests in flight may take to finish after SIGTERM.
     drain_timeout: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,12 @@ class PayloadTooLarge(GatewayError):
     code = "request_too_large"
 
 
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
 class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
@@ -95,6 +101,7 @@ _STATUS_TYPES = {
     403: Forbidden,
     404: NotFound,
     413: PayloadTooLarge,
+    429: RateLimited,
     502: UpstreamError,
     503: Unavailable,
     504: UpstreamTimeout,
