@@ -244,6 +244,10 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("files", nargs="+")
     check.add_argument("--no-engine", action="store_true", help="skip the vLLM parser (when vLLM is not installed)")
     check.set_defaults(func=cmd_config_check)
+
+    from serve.deploy.cli import add_k8s_parser
+
+    add_k8s_parser(sub)
     return p
 
 

@@ -1,0 +1,1 @@
+"""Kubernetes manifests derived from the model files and gateway settings (kustomize overlays' generated parts)."""
