@@ -248,6 +248,10 @@ def parser() -> argparse.ArgumentParser:
     from serve.deploy.cli import add_k8s_parser
 
     add_k8s_parser(sub)
+
+    from serve.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return p
 
 

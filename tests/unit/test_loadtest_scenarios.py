@@ -78,9 +78,7 @@ def test_overrides_and_the_context_window() -> None:
 def test_unknown_scenario_names_the_choices() -> None:
     with pytest.raises(ValueError, match="long-prompt"):
         generate("nope", "m", 1)
-    assert {"chat", "chat-nostream", "long-prompt", "completion", "completion-nostream", "mix"} == set(
-        scenario_names()
-    )
+    assert {"chat", "chat-nostream", "long-prompt", "completion", "completion-nostream", "mix"} == set(scenario_names())
 
 
 def test_constant_arrivals_are_evenly_spaced() -> None:
