@@ -1,0 +1,123 @@
+"""The Locust streaming client against loopback servers with known delays: it must measure them, not invent them."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loadtests.runner import Checks, Level, LevelResult, LoadConfig, Target, run_level
+from loadtests.scenarios import Lengths
+from tests.integration.conftest import Gateway
+from tests.integration.fake_engine import FakeEngine
+from tests.servers import run_server
+
+DELAY = 0.2  # the fake engine sleeps this long before every text event
+TOKENS = 5
+# Scheduling noise allowed on a busy two-core machine: Locust, the server and pytest share it.
+SLACK = 0.06
+
+
+@pytest.fixture
+def slow_engine() -> Iterator[tuple[FakeEngine, str]]:
+    engine = FakeEngine(chunks=TOKENS, delay=DELAY)
+    with run_server(engine.app()) as url:
+        yield engine, url
+
+
+def run(tmp_path: Path, url: str, key: str | None, model: str, scenario: str = "chat", **config: object) -> LevelResult:
+    settings: dict[str, object] = {
+        "scenario": scenario,
+        "warmup": 0.0,
+        "duration": 3.0,
+        "stop_timeout": 10.0,
+        "lengths": Lengths(output_len=TOKENS),
+        "cache_salt": False,
+        **config,
+    }
+    level = Level(rate=settings.pop("rate")) if "rate" in settings else Level(users=2)  # type: ignore[arg-type]
+    target = Target("fake", url, key, model)
+    return run_level(target, level, LoadConfig(**settings), tmp_path, Checks())  # type: ignore[arg-type]
+
+
+def assert_measures_the_delays(result: LevelResult) -> None:
+    assert result.valid, result.problems
+    ok = [r for r in result.records if r.ok]
+    assert len(ok) >= 4
+    for r in ok:
+        assert r.completion_tokens == TOKENS and r.prompt_tokens == 7  # the fake engine's usage
+        assert r.ttft is not None and r.e2e is not None and r.tpot is not None
+        # The first text event comes after one delay (the role chunk before it is not a token).
+        assert DELAY - 0.01 <= r.ttft <= DELAY + SLACK
+        assert len(r.itls) == TOKENS - 1
+        assert all(DELAY - 0.01 <= gap <= DELAY + SLACK for gap in r.itls)
+        assert TOKENS * DELAY - 0.01 <= r.e2e <= TOKENS * DELAY + 2 * SLACK
+        assert r.tpot == pytest.approx(DELAY, abs=SLACK / 2)
+    s = result.summary
+    assert s["requests"]["failed"] == 0
+    assert s["itl_s"]["p50"] == pytest.approx(DELAY, abs=0.02)
+    # Two users back to back, each producing 5 tokens per second.
+    assert s["output_tok_s"] == pytest.approx(2 * TOKENS / (TOKENS * DELAY), rel=0.25)
+
+
+def test_streaming_client_measures_known_delays(tmp_path: Path, slow_engine: tuple[FakeEngine, str]) -> None:
+    engine, url = slow_engine
+    result = run(tmp_path, url, None, "fake-model")
+    assert_measures_the_delays(result)
+    sent = engine.requests[0]
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["max_tokens"] == TOKENS and sent["ignore_eos"] is True
+    assert (tmp_path / "raw" / "fake-u2.jsonl").exists()
+
+
+def test_delays_survive_the_gateway(tmp_path: Path, gateway: Gateway) -> None:
+    gateway.engine.chunks, gateway.engine.delay = TOKENS, DELAY
+    result = run(tmp_path, gateway.url, gateway.key, "fake")
+    assert_measures_the_delays(result)
+    assert gateway.engine.headers[0]["authorization"] != f"Bearer {gateway.key}"
+
+
+def test_non_streamed_requests_time_the_whole_answer(tmp_path: Path, slow_engine: tuple[FakeEngine, str]) -> None:
+    result = run(tmp_path, slow_engine[1], None, "fake-model", scenario="chat-nostream")
+    assert result.valid, result.problems
+    ok = [r for r in result.records if r.ok]
+    assert ok and all(r.ttft is None and r.completion_tokens == TOKENS for r in ok)
+    assert statistics.median(r.e2e or 0 for r in ok) == pytest.approx(DELAY, abs=SLACK)
+    assert result.summary["ttft_s"]["count"] == 0
+
+
+def test_a_stream_delivered_in_one_piece_is_refused(tmp_path: Path) -> None:
+    # No delay between events: what a buffering proxy hands to the client. ITL is zero, TTFT equals e2e.
+    engine = FakeEngine(chunks=TOKENS, delay=0.0)
+    with run_server(engine.app()) as url:
+        result = run(tmp_path, url, None, "fake-model", duration=2.0, max_requests=30)
+    assert not result.valid
+    assert any("inter-token latency" in p for p in result.problems)
+
+
+def test_errors_are_counted_and_break_the_threshold(tmp_path: Path) -> None:
+    engine = FakeEngine(chunks=TOKENS, mode="status", status=503)
+    with run_server(engine.app()) as url:
+        result = run(tmp_path, url, None, "fake-model", duration=2.0, max_requests=10)
+    s = result.summary
+    assert s["requests"]["ok"] == 0 and s["requests"]["failed"] > 0 and s["requests"]["error_rate"] == 1.0
+    assert any(msg.startswith("HTTP 503") for msg in s["errors"])
+    assert result.failures == [] and result.valid  # no threshold was asked for; the numbers are true
+
+
+def test_open_loop_counts_requests_that_could_not_go_out_on_time(
+    tmp_path: Path, slow_engine: tuple[FakeEngine, str]
+) -> None:
+    # 10 requests/s due, but with one request in flight at a time and 1 s per request only ~1/s can go out.
+    late = run(tmp_path, slow_engine[1], None, "fake-model", rate=10.0, arrival="constant", max_in_flight=1)
+    s = late.summary
+    assert s["requests"]["late"] >= 1
+    assert s["late_s"]["max"] > 0.5
+    # Latency counts from the due time: TTFT includes the wait for a free slot.
+    assert s["ttft_s"]["max"] > DELAY + 0.5
+    on_time = run(tmp_path, slow_engine[1], None, "fake-model", rate=4.0, arrival="poisson", max_in_flight=64)
+    assert on_time.summary["requests"]["late"] == 0
+    assert on_time.summary["requests"]["ok"] >= 4
+    assert on_time.valid, on_time.problems
