@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import sys
 from datetime import UTC, datetime, timedelta
@@ -14,21 +13,11 @@ from serve.config.gateway import GatewayFile, build_settings
 from serve.config.keys import create_key, load_keys, revoke_key
 from serve.config.loader import ConfigError, load_model
 from serve.config.model_file import load_model_file
+from serve.logs import setup_logging
 from serve.models.prepare import ModelPrepareError
 
 DEFAULT_MODEL = "configs/models/smollm2-135m-cpu.yaml"
 DEFAULT_GATEWAY = "configs/gateway.yaml"
-
-
-def setup_logging(level: str = "info") -> None:
-    from serve.gateway.middleware import RequestIdFilter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(RequestIdFilter())
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
 
 
 def state_dir() -> Path:
@@ -51,9 +40,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from serve.gateway.app import create_app
+    from serve.gateway.server import run_gateway
 
     file = read_gateway_file(args.config)
     update: dict[str, object] = {}
@@ -61,19 +48,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         update["host"] = args.host
     if args.port:
         update["port"] = args.port
-    file = file.model_copy(update=update)
-    settings = build_settings(file, base_dir=Path.cwd())
-    setup_logging(file.log_level)
-    config = uvicorn.Config(
-        create_app(settings),
-        host=file.host,
-        port=file.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=int(file.drain_timeout),
-        timeout_keep_alive=30,
-    )
-    uvicorn.Server(config).run()
+    run_gateway(build_settings(file.model_copy(update=update), base_dir=Path.cwd()))
     return 0
 
 

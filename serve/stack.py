@@ -44,7 +44,8 @@ class Stack:
     state_dir: Path
     engines: list[Engine] = field(default_factory=list)
     gateway: ChildProcess | None = None
-    stopping: bool = False
+    # Prepared weights folder per served name: the gateway counts prompt tokens with its tokenizer.
+    weights: dict[str, Path] = field(default_factory=dict)
 
 
 def ensure_dev_key(keys_path: Path, key_path: Path) -> str:
@@ -85,7 +86,9 @@ Ctrl-C drains the gateway and stops every engine.
 
 async def start_engines(stack: Stack, engine_key: str) -> None:
     for _, model in stack.models:
-        weights = str(await asyncio.to_thread(prepare_model, model))
+        folder = await asyncio.to_thread(prepare_model, model)
+        stack.weights[model.name] = folder
+        weights = str(folder)
         for replica in range(model.engine.replicas):
             port = free_port()
             cmd = build_engine_command(model, weights, "127.0.0.1", port)
@@ -107,7 +110,11 @@ async def start_engines(stack: Stack, engine_key: str) -> None:
 def write_runtime_config(stack: Stack) -> Path:
     """The gateway's settings for this run: the model files and the engines just started for them."""
     entries = [
-        ModelEntry(file=path.resolve(), endpoints=[e.url for e in stack.engines if e.model is model])
+        ModelEntry(
+            file=path.resolve(),
+            endpoints=[e.url for e in stack.engines if e.model is model],
+            tokenizer=stack.weights.get(model.name),
+        )
         for path, model in stack.models
     ]
     runtime = stack.gateway_file.model_copy(
@@ -152,7 +159,6 @@ async def supervise(stack: Stack, stop: asyncio.Event) -> int:
 
 async def shutdown(stack: Stack) -> None:
     """Drain the gateway first (it finishes requests in flight), then stop the engines."""
-    stack.stopping = True
     if stack.gateway is not None:
         await stack.gateway.stop(grace=stack.gateway_file.drain_timeout + 5)
     for engine in stack.engines:

@@ -16,12 +16,6 @@ ENGINE_KEY_ENV = "LLMSERVE_ENGINE_KEY"
 REDIS_URL_ENV = "LLMSERVE_REDIS_URL"
 
 
-class Timeouts(Strict):
-    connect: float = Field(default=5.0, gt=0)
-    # Longest wait for the next bytes from an engine (first byte or between stream chunks).
-    read: float = Field(default=600.0, gt=0)
-
-
 class LimitsSettings(Strict):
     """Where per-key limits are counted: in each gateway process, or in one Redis shared by every replica."""
 
@@ -49,6 +43,8 @@ class ModelEntry(Strict):
 
     file: Path
     endpoints: list[str] = Field(default_factory=list)
+    # Folder with tokenizer.json (and chat template) for counting prompt tokens; overrides the model file's.
+    tokenizer: Path | None = None
 
 
 class GatewayFile(Strict):
@@ -57,7 +53,6 @@ class GatewayFile(Strict):
     keys_file: Path = Path(".llmserve/keys.yaml")
     models: list[ModelEntry] = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
-    timeouts: Timeouts = Field(default_factory=Timeouts)
     health_interval: float = Field(default=2.0, gt=0)
     # Seconds requests in flight may take to finish after SIGTERM.
     drain_timeout: float = Field(default=30.0, ge=0)
@@ -71,6 +66,7 @@ class ModelRoute:
 
     model: ModelFile
     endpoints: tuple[str, ...]
+    tokenizer: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -102,9 +98,18 @@ def build_settings(file: GatewayFile, base_dir: Path, engine_key: str | None = N
                 raise ConfigError(f"{path}: model name {name!r} is already served by {seen[name]}")
             seen[name] = path
         endpoints = tuple(entry.endpoints) or tuple(str(url).rstrip("/") for url in model.endpoints)
-        if not endpoints:
-            raise ConfigError(f"{path}: no endpoints: list them in the model file or the gateway's models entry")
-        routes.append(ModelRoute(model=model, endpoints=tuple(url.rstrip("/") for url in endpoints)))
+        if not endpoints and model.discovery is None:
+            raise ConfigError(
+                f"{path}: no endpoints: list them (or a discovery name) in the model file or the gateway's models entry"
+            )
+        tokenizer = entry.tokenizer or (Path(model.tokenizer) if model.tokenizer else None)
+        routes.append(
+            ModelRoute(
+                model=model,
+                endpoints=tuple(url.rstrip("/") for url in endpoints),
+                tokenizer=resolve(base_dir, tokenizer) if tokenizer else None,
+            )
+        )
     key = engine_key if engine_key is not None else os.environ.get(ENGINE_KEY_ENV)
     return GatewaySettings(file=file, routes=tuple(routes), engine_key=key or None, base_dir=base_dir)
 

@@ -115,12 +115,41 @@ class SyntheticWeights(Strict):
         return config
 
 
+class Timeouts(Strict):
+    """Seconds the gateway waits on an engine; on expiry it closes the engine request (vLLM aborts it)."""
+
+    connect: float = Field(default=5.0, gt=0)
+    # Until the engine's first answer bytes: the first SSE event of a stream (prefill plus queueing).
+    first_byte: float = Field(default=120.0, gt=0)
+    # Longest silence between two stream chunks.
+    idle: float = Field(default=60.0, gt=0)
+    total: float = Field(default=900.0, gt=0)
+
+
+class Routing(Strict):
+    """How a request picks one of the model's engines."""
+
+    policy: Literal["least_outstanding", "session_affinity", "prefix_affinity"] = "least_outstanding"
+    # session_affinity: requests with the same value of this header go to the same engine while it is healthy.
+    session_header: str = "x-session-id"
+    # prefix_affinity: requests whose first N prompt tokens match go to the same engine (its prefix cache).
+    prefix_tokens: int = Field(default=256, gt=0)
+    # Requests in flight across the pool beyond which new ones get 503 (None: no cap).
+    max_inflight: int | None = Field(default=None, gt=0)
+    # Consecutive failures (connect errors, 5xx, timeouts) after which an endpoint is ejected until healthy again.
+    eject_after: int = Field(default=3, gt=0)
+
+
 class Policy(Strict):
     """What the gateway enforces and fills in for this model."""
 
     max_tokens_cap: int = Field(default=1024, gt=0)
     default_max_tokens: int | None = Field(default=None, gt=0)
     defaults: dict[str, Any] = Field(default_factory=dict)
+    max_messages: int = Field(default=256, gt=0)
+    max_n: int = Field(default=4, gt=0)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    routing: Routing = Field(default_factory=Routing)
 
     @field_validator("defaults")
     @classmethod
@@ -137,6 +166,14 @@ class Policy(Strict):
         return self
 
 
+class DnsDiscovery(Strict):
+    """Engines behind a DNS name (a Kubernetes headless Service), re-resolved at every health check."""
+
+    name: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    scheme: Literal["http", "https"] = "http"
+
+
 class ModelFile(Strict):
     """One served model: identity, weights, engine settings, gateway policy and (optionally) static endpoints."""
 
@@ -150,6 +187,10 @@ class ModelFile(Strict):
     policy: Policy = Field(default_factory=Policy)
     # Engines not started by `up` (another host, a Kubernetes Service). Empty: `up` starts local replicas.
     endpoints: list[HttpUrl] = Field(default_factory=list)
+    discovery: DnsDiscovery | None = None
+    # Where the gateway finds tokenizer.json (and chat_template.jinja) to count prompt tokens; default: the
+    # prepared weights folder when `up` runs the engines, else an estimate from the prompt's length.
+    tokenizer: str | None = None
 
     @field_validator("aliases")
     @classmethod

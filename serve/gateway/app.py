@@ -13,25 +13,27 @@ from fastapi import FastAPI
 from starlette.middleware import Middleware
 
 from serve.config.gateway import GatewaySettings
+from serve.gateway.drain import Drain
 from serve.gateway.errors import install_error_handlers
 from serve.gateway.keystore import KeyStore
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.middleware import AuthMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve.gateway.pool import EndpointPool, HealthChecker
 from serve.gateway.proxy import Upstream
-from serve.gateway.routes import GatewayState, router
+from serve.gateway.routes import GatewayState, ModelState, router
+from serve.gateway.tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
 KEYS_RELOAD_INTERVAL = 2.0
 
 
-def http_client(settings: GatewaySettings) -> httpx.AsyncClient:
-    t = settings.file.timeouts
+def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=t.connect, read=t.read, write=t.read, pool=t.connect),
+        # Every request passes its model's own timeouts; this default only bounds what slips through.
+        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0),
         # Every in-flight stream holds a connection; the pool must not be what queues requests.
-        limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
         follow_redirects=False,
     )
 
@@ -42,31 +44,42 @@ async def reload_keys(keystore: KeyStore) -> None:
         keystore.reload_if_changed()
 
 
-def create_app(settings: GatewaySettings) -> FastAPI:
+def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI:
     metrics = GatewayMetrics()
     keystore = KeyStore(settings.keys_path)
+    drain = drain or Drain(settings.file.drain_timeout)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, GatewayState]]:
-        pools = [EndpointPool.of(route.model.name, route.endpoints) for route in settings.routes]
-        by_name = {
-            name: (route, pool)
-            for route, pool in zip(settings.routes, pools, strict=True)
-            for name in route.model.names
-        }
-        async with http_client(settings) as client:
+        models: dict[str, ModelState] = {}
+        pools: list[EndpointPool] = []
+        for route in settings.routes:
+            policy = route.model.policy
+            pool = EndpointPool.of(route.model.name, route.endpoints, policy.routing, route.model.discovery)
+            counter = TokenCounter(route.tokenizer, policy.routing.prefix_tokens)
+            if not counter.exact:
+                log.warning("no tokenizer for %s: prompt tokens are estimated from length", route.model.name)
+            pools.append(pool)
+            entry = ModelState(model=route.model, pool=pool, counter=counter)
+            models.update(dict.fromkeys(route.model.names, entry))
+        async with http_client() as client:
             checker = HealthChecker(pools, client, settings.file.health_interval, metrics)
             await checker.check_all()
             state = GatewayState(
-                routes=by_name,
+                models=models,
                 pools=pools,
                 upstream=Upstream(client=client, engine_key=settings.engine_key, checker=checker, metrics=metrics),
                 keystore=keystore,
                 metrics=metrics,
+                drain=drain,
                 max_body_bytes=settings.file.max_body_bytes,
                 created=int(time.time()),
             )
-            tasks = [asyncio.create_task(checker.run()), asyncio.create_task(reload_keys(keystore))]
+            tasks = [
+                asyncio.create_task(checker.run()),
+                asyncio.create_task(reload_keys(keystore)),
+                asyncio.create_task(drain.watch()),
+            ]
             try:
                 yield {"gateway": state}
             finally:
@@ -79,10 +92,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         lifespan=lifespan,
         middleware=[
             Middleware(RequestIdMiddleware),
-            Middleware(MetricsMiddleware, metrics=metrics),
+            Middleware(MetricsMiddleware, metrics=metrics, drain=drain),
             Middleware(AuthMiddleware, keystore=keystore),
         ],
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.state.keystore = keystore
     return app

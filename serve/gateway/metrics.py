@@ -9,6 +9,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 # Route label values: the templates the gateway serves. Anything else is "other", never the raw path.
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
+
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"})
 
 
@@ -26,8 +28,30 @@ class GatewayMetrics:
         r = self.registry
         self.requests = Counter(
             "gateway_requests_total",
-            "Requests answered, by model, route template and status class.",
-            ["model", "route", "status_class"],
+            "Requests answered, by model, key id, route template and status class.",
+            ["model", "key", "route", "status_class"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "gateway_rate_limited_total",
+            "Requests refused by a key's limit, by limit.",
+            ["model", "key", "limit"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "gateway_retries_total",
+            "Requests retried on another endpoint before the first byte.",
+            ["model"],
+            registry=r,
+        )
+        self.ejections = Counter(
+            "gateway_endpoint_ejections_total", "Endpoints ejected after consecutive failures.", ["model"], registry=r
+        )
+        self.itl = Histogram(
+            "gateway_inter_token_latency_seconds",
+            "Gaps between consecutive content events of a stream, as sent to the client.",
+            ["model"],
+            buckets=ITL_BUCKETS,
             registry=r,
         )
         self.errors = Counter(
@@ -66,7 +90,12 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
-        self.inflight = Gauge("gateway_inflight_requests", "Requests being proxied, by model.", ["model"], registry=r)
+        self.inflight = Gauge(
+            "gateway_inflight_requests",
+            "Requests being proxied, by model and endpoint.",
+            ["model", "endpoint"],
+            registry=r,
+        )
         self.endpoint_up = Gauge(
             "gateway_endpoint_up",
             "1 when the engine endpoint passes its health check.",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import re
 import time
@@ -11,22 +10,15 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.gateway.drain import Drain
 from serve.gateway.errors import Unauthorized, error_response
 from serve.gateway.keystore import KeyStore
 from serve.gateway.metrics import GatewayMetrics, route_label, status_class
+from serve.logs import request_id_var
 
-log = logging.getLogger("serve.gateway.access")
+access_log = logging.getLogger("serve.gateway.access")
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class RequestIdFilter(logging.Filter):
-    """Puts the current request id on every log record."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        return True
 
 
 def request_state(scope: Scope) -> dict[str, Any]:
@@ -71,11 +63,12 @@ class RequestIdMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts every response by model, route template and status class, and writes one access log line."""
+    """Counts every response by model, key, route template and status class; one JSON access log line each."""
 
-    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics, drain: Drain) -> None:
         self.app = app
         self.metrics = metrics
+        self.drain = drain
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,6 +76,8 @@ class MetricsMiddleware:
             return
         start = time.perf_counter()
         status = 500
+        route = route_label(scope["path"])
+        api = route.startswith("/v1/")
 
         async def record_status(message: Message) -> None:
             nonlocal status
@@ -90,26 +85,44 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
+        if api:
+            self.drain.inflight += 1
         try:
             await self.app(scope, receive, record_status)
         finally:
+            if api:
+                self.drain.inflight -= 1
             elapsed = time.perf_counter() - start
             state = request_state(scope)
             model = state.get("model", "none")
-            route = route_label(scope["path"])
-            self.metrics.requests.labels(model, route, status_class(status)).inc()
-            if route.startswith("/v1/"):
+            key = state.get("key")
+            key_id = key.id if key is not None else "none"
+            self.metrics.requests.labels(model, key_id, route, status_class(status)).inc()
+            if api:
                 self.metrics.duration.labels(model, route).observe(elapsed)
-                key = state.get("key")
-                log.info(
-                    "%s %s status=%d model=%s key=%s duration=%.3fs",
-                    scope["method"],
-                    route,
-                    status,
-                    model,
-                    key.id if key is not None else "-",
-                    elapsed,
+                outcome = state.get("outcome")
+                access_log.info(
+                    "request",
+                    extra={
+                        "access": {
+                            "request_id": state.get("request_id"),
+                            "method": scope["method"],
+                            "route": route,
+                            "status": status,
+                            "key_id": key_id,
+                            "model": model,
+                            "endpoint": getattr(outcome, "endpoint", None),
+                            "prompt_tokens": getattr(outcome, "prompt_tokens", None),
+                            "completion_tokens": getattr(outcome, "completion_tokens", None),
+                            "ttft_s": _round(getattr(outcome, "ttft", None)),
+                            "duration_s": _round(elapsed),
+                        }
+                    },
                 )
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 class AuthMiddleware:

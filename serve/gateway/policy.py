@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from serve.config.keys import KeyRecord
-from serve.config.model_file import ModelFile
+from serve.config.model_file import ModelFile, Policy
 from serve.gateway.errors import BadRequest, Forbidden
+from serve.gateway.tokens import TokenCounter
 
 Kind = Literal["chat", "completion"]
 
@@ -18,6 +19,15 @@ class Prepared:
     stream: bool
     # The client did not ask for the usage chunk: the gateway asked for it (to count tokens) and drops it.
     strip_usage: bool
+    max_tokens: int = 0
+    prompt_tokens: int = 0
+    # Routing key for session or prefix affinity; None routes to the least loaded endpoint.
+    affinity: str | None = None
+
+    @property
+    def reserve_tokens(self) -> int:
+        """Tokens this request may use at most: what a tokens-per-minute budget reserves at admission."""
+        return self.prompt_tokens + self.max_tokens * int(self.body.get("n") or 1)
 
 
 def _positive_int(body: dict[str, Any], field: str) -> int | None:
@@ -29,14 +39,20 @@ def _positive_int(body: dict[str, Any], field: str) -> int | None:
     return value
 
 
-def check_shape(body: dict[str, Any], kind: Kind) -> None:
-    """Type checks the gateway itself depends on; everything else is vLLM's to validate."""
+def check_shape(body: dict[str, Any], kind: Kind, policy: Policy) -> None:
+    """Type checks and size limits the gateway itself depends on; everything else is vLLM's to validate."""
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise BadRequest("messages must be a non-empty array", param="messages", code="invalid_value")
         if not all(isinstance(m, dict) for m in messages):
             raise BadRequest("each message must be an object", param="messages", code="invalid_value")
+        if len(messages) > policy.max_messages:
+            raise BadRequest(
+                f"{len(messages)} messages is more than the {policy.max_messages} allowed",
+                param="messages",
+                code="too_many_messages",
+            )
     elif "prompt" not in body:
         raise BadRequest("prompt is required", param="prompt", code="missing_required_parameter")
     if "stream" in body and not isinstance(body["stream"], bool):
@@ -44,6 +60,10 @@ def check_shape(body: dict[str, Any], kind: Kind) -> None:
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise BadRequest("stream_options must be an object", param="stream_options", code="invalid_type")
+    for field in ("n", "best_of"):
+        value = _positive_int(body, field)
+        if value is not None and value > policy.max_n:
+            raise BadRequest(f"{field}={value} is above the limit of {policy.max_n}", param=field, code="n_too_large")
 
 
 def check_access(key: KeyRecord | None, model: ModelFile, requested: str) -> None:
@@ -51,9 +71,15 @@ def check_access(key: KeyRecord | None, model: ModelFile, requested: str) -> Non
         raise Forbidden(f"this API key may not use the model {requested!r}", param="model")
 
 
-def apply_policy(body: dict[str, Any], model: ModelFile, kind: Kind) -> Prepared:
-    check_shape(body, kind)
+def apply_policy(
+    body: dict[str, Any],
+    model: ModelFile,
+    kind: Kind,
+    counter: TokenCounter | None = None,
+    session: str | None = None,
+) -> Prepared:
     policy = model.policy
+    check_shape(body, kind, policy)
     out = dict(body)
     out["model"] = model.name
     asked = [f for f in ("max_tokens", "max_completion_tokens") if _positive_int(out, f) is not None]
@@ -66,6 +92,7 @@ def apply_policy(body: dict[str, Any], model: ModelFile, kind: Kind) -> Prepared
             )
     if not asked:
         out["max_tokens"] = policy.default_max_tokens or policy.max_tokens_cap
+    max_tokens = max(int(out.get(f) or 0) for f in ("max_tokens", "max_completion_tokens"))
     for name, value in policy.defaults.items():
         out.setdefault(name, value)
     stream = bool(out.get("stream", False))
@@ -75,4 +102,19 @@ def apply_policy(body: dict[str, Any], model: ModelFile, kind: Kind) -> Prepared
         strip_usage = not options.get("include_usage", False)
         options["include_usage"] = True
         out["stream_options"] = options
-    return Prepared(body=out, stream=stream, strip_usage=strip_usage)
+    prompt_tokens, affinity = 0, None
+    if counter is not None:
+        info = counter.chat(out["messages"]) if kind == "chat" else counter.completion(out["prompt"])
+        if info.exact and info.longest + max_tokens > model.engine.max_model_len:
+            raise BadRequest(
+                f"this model's context is {model.engine.max_model_len} tokens: the prompt has {info.longest} "
+                f"and max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+                param="messages" if kind == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        prompt_tokens = info.tokens
+        if policy.routing.policy == "prefix_affinity":
+            affinity = info.prefix_key
+    if policy.routing.policy == "session_affinity":
+        affinity = session
+    return Prepared(out, stream, strip_usage, max_tokens, prompt_tokens, affinity)

@@ -1,4 +1,4 @@
-"""Forwarding a prepared request to an engine: endpoint choice, status before the first byte, SSE pass-through."""
+"""Forwarding a prepared request to an engine: endpoint choice, retries, timeouts, status before the first byte."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -16,16 +16,12 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from serve.gateway.errors import (
-    GatewayError,
-    UpstreamError,
-    UpstreamTimeout,
-    envelope_bytes,
-    from_status,
-)
+from serve.config.model_file import Timeouts
+from serve.gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, from_status
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.policy import Prepared
 from serve.gateway.pool import Endpoint, EndpointPool, HealthChecker
+from serve.gateway.sse import relay_sse
 
 log = logging.getLogger(__name__)
 
@@ -42,42 +38,74 @@ class Upstream:
     metrics: GatewayMetrics
 
 
-class Exchange:
-    """One request's bookkeeping: releases its endpoint and in-flight slot exactly once."""
+@dataclass
+class Outcome:
+    """What happened to one request, for limits, metrics and the access log."""
 
-    def __init__(self, upstream: Upstream, pool: EndpointPool, endpoint: Endpoint, start: float) -> None:
+    start: float
+    endpoint: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft: float | None = None
+    # Run once when the request is over, whatever the path (answer, error, timeout, disconnect).
+    finalizers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    def record_usage(self, usage: object) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None:
+            return None
+        return self.prompt_tokens + (self.completion_tokens or 0)
+
+    async def finish(self) -> None:
+        todo, self.finalizers = self.finalizers, []
+        for fn in todo:
+            await fn()
+
+
+class Exchange:
+    """One request to one endpoint: releases the endpoint's slot and the engine connection exactly once."""
+
+    def __init__(self, upstream: Upstream, pool: EndpointPool, endpoint: Endpoint, outcome: Outcome) -> None:
         self.upstream = upstream
         self.pool = pool
         self.endpoint = endpoint
-        self.start = start
+        self.outcome = outcome
         self.response: httpx.Response | None = None
         self._open = True
         endpoint.outstanding += 1
-        upstream.metrics.inflight.labels(pool.model).inc()
+        upstream.metrics.inflight.labels(pool.model, endpoint.url).inc()
+
+    def failed(self, reason: str) -> None:
+        self.upstream.metrics.errors.labels(self.pool.model, reason).inc()
+        self.upstream.checker.failed(self.pool, self.endpoint, reason)
 
     def record_usage(self, usage: object) -> None:
-        if not isinstance(usage, dict):
-            return
-        m = self.upstream.metrics
-        m.prompt_tokens.labels(self.pool.model).inc(int(usage.get("prompt_tokens") or 0))
-        m.completion_tokens.labels(self.pool.model).inc(int(usage.get("completion_tokens") or 0))
+        self.outcome.record_usage(usage)
+        m, model = self.upstream.metrics, self.pool.model
+        m.prompt_tokens.labels(model).inc(self.outcome.prompt_tokens or 0)
+        m.completion_tokens.labels(model).inc(self.outcome.completion_tokens or 0)
 
     async def close(self) -> None:
         if not self._open:
             return
         self._open = False
         self.endpoint.outstanding -= 1
-        self.upstream.metrics.inflight.labels(self.pool.model).dec()
+        self.upstream.metrics.inflight.labels(self.pool.model, self.endpoint.url).dec()
         if self.response is not None:
             # Closing the connection mid-generation is what makes vLLM abort the request.
             await self.response.aclose()
 
 
 class ProxyStream(StreamingResponse):
-    """A streaming response that releases the exchange even if the body iterator never started."""
+    """A streaming response that releases the exchange and finishes the request even if it never started."""
 
-    def __init__(self, content: AsyncIterator[bytes], exchange: Exchange, headers: dict[str, str]) -> None:
-        super().__init__(content, status_code=200, media_type="text/event-stream", headers=headers)
+    def __init__(self, content: AsyncIterator[bytes], exchange: Exchange) -> None:
+        super().__init__(content, status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
         self.exchange = exchange
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -85,6 +113,7 @@ class ProxyStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.exchange.close()
+            await self.exchange.outcome.finish()
 
 
 def upstream_error(status: int, body: bytes) -> GatewayError:
@@ -108,30 +137,6 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
     return from_status(status, message)
 
 
-def has_content(event: bytes) -> bool:
-    """Whether an SSE event carries generated text (the first such event is the time to first token)."""
-    if not event.startswith(b"data: {"):
-        return False
-    try:
-        data = json.loads(event[6:])
-    except ValueError:
-        return False
-    for choice in data.get("choices") or ():
-        delta = choice.get("delta")
-        text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-        if text:
-            return True
-    return False
-
-
-def is_usage_event(event: bytes) -> bool:
-    try:
-        data = json.loads(event[6:])
-    except ValueError:
-        return False
-    return isinstance(data, dict) and not data.get("choices") and isinstance(data.get("usage"), dict)
-
-
 async def wait_for_disconnect(receive: Callable[[], Any]) -> None:
     while True:
         message = await receive()
@@ -139,58 +144,84 @@ async def wait_for_disconnect(receive: Callable[[], Any]) -> None:
             return
 
 
+def remaining(outcome: Outcome, limit: float) -> float:
+    return max(0.0, outcome.start + limit - time.perf_counter())
+
+
 async def send_upstream(
-    upstream: Upstream, pool: EndpointPool, path: str, content: bytes, request_id: str, start: float
+    upstream: Upstream,
+    pool: EndpointPool,
+    timeouts: Timeouts,
+    request: tuple[str, bytes, str, bool],
+    outcome: Outcome,
+    affinity: str | None,
 ) -> Exchange:
-    """Send to the least-loaded healthy endpoint; one retry elsewhere on a connect error or a 503."""
+    """Send to an endpoint; one retry elsewhere on a connect error or a 503, never after the first byte."""
+    path, content, request_id, stream = request
     headers = {"content-type": "application/json", "x-request-id": request_id}
     if upstream.engine_key:
         headers["authorization"] = f"Bearer {upstream.engine_key}"
+    # Streams: vLLM answers with headers at once, the first event follows prefill. Non-streams: headers at the end.
+    headers_within = timeouts.first_byte if stream else timeouts.total
+    httpx_timeout = httpx.Timeout(connect=timeouts.connect, read=None, write=timeouts.connect, pool=timeouts.connect)
     tried: set[str] = set()
-    last_error: GatewayError = from_status(503, f"no healthy engine for model {pool.model!r}")
-    for _ in range(2):
-        endpoint = pool.choose()
-        if endpoint is None or endpoint.url in tried:
+    error: GatewayError = from_status(503, f"no healthy engine for model {pool.model!r}")
+    for attempt in range(2):
+        endpoint = pool.choose(affinity, exclude=frozenset(tried))
+        if endpoint is None:
             break
+        if attempt:
+            upstream.metrics.retries.labels(pool.model).inc()
         tried.add(endpoint.url)
-        exchange = Exchange(upstream, pool, endpoint, start)
-        upstream.metrics.overhead.labels(pool.model).observe(time.perf_counter() - start)
-        req = upstream.client.build_request("POST", endpoint.url + path, content=content, headers=headers)
+        exchange = Exchange(upstream, pool, endpoint, outcome)
+        outcome.endpoint = endpoint.url
+        upstream.metrics.overhead.labels(pool.model).observe(time.perf_counter() - outcome.start)
+        req = upstream.client.build_request(
+            "POST", endpoint.url + path, content=content, headers=headers, timeout=httpx_timeout
+        )
         try:
-            exchange.response = await upstream.client.send(req, stream=True)
-        except asyncio.CancelledError:
-            await exchange.close()
-            raise
+            async with asyncio.timeout(remaining(outcome, headers_within)):
+                exchange.response = await upstream.client.send(req, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             await exchange.close()
-            upstream.checker.mark(pool, endpoint, healthy=False)
+            exchange.failed("connect_error")
             log.warning("engine %s unreachable: %s", endpoint.url, type(exc).__name__)
-            last_error = from_status(503, f"engine for model {pool.model!r} is unreachable")
+            error = from_status(503, f"engine for model {pool.model!r} is unreachable")
             continue
-        except httpx.TimeoutException:
+        except TimeoutError:
             await exchange.close()
-            upstream.metrics.errors.labels(pool.model, "upstream_timeout").inc()
+            exchange.failed("first_byte_timeout")
             raise UpstreamTimeout("the engine did not answer in time") from None
         except httpx.HTTPError as exc:
             await exchange.close()
+            exchange.failed("upstream_broken")
             raise UpstreamError(f"engine request failed: {type(exc).__name__}") from None
+        except BaseException:
+            await exchange.close()
+            raise
         if exchange.response.status_code == 503:
             body = await exchange.response.aread()
             await exchange.close()
-            last_error = upstream_error(503, body)
+            exchange.failed("upstream_503")
+            error = upstream_error(503, body)
             continue
         return exchange
     upstream.metrics.errors.labels(pool.model, "unavailable").inc()
-    last_error.headers.setdefault("retry-after", "1")
-    raise last_error
+    error.headers.setdefault("retry-after", "1")
+    raise error
 
 
 async def forward(
-    request: Request, upstream: Upstream, pool: EndpointPool, path: str, prepared: Prepared, start: float
+    request: Request,
+    upstream: Upstream,
+    pool: EndpointPool,
+    path: str,
+    prepared: Prepared,
+    outcome: Outcome,
+    timeouts: Timeouts,
 ) -> Response:
     """Proxy one request. Until the response starts, a client that leaves closes the upstream request too."""
-    content = json.dumps(prepared.body, separators=(",", ":")).encode()
-    work = asyncio.ensure_future(exchange_with_engine(request, upstream, pool, path, prepared, content, start))
+    work = asyncio.ensure_future(exchange_with_engine(request, upstream, pool, path, prepared, outcome, timeouts))
     leaving = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
@@ -213,72 +244,55 @@ async def exchange_with_engine(
     pool: EndpointPool,
     path: str,
     prepared: Prepared,
-    content: bytes,
-    start: float,
+    outcome: Outcome,
+    timeouts: Timeouts,
 ) -> Response:
-    exchange = await send_upstream(upstream, pool, path, content, str(request.state.request_id), start)
+    content = json.dumps(prepared.body, separators=(",", ":")).encode()
+    call = (path, content, str(request.state.request_id), prepared.stream)
+    exchange = await send_upstream(upstream, pool, timeouts, call, outcome, prepared.affinity)
     resp = exchange.response
     assert resp is not None
-    if resp.status_code != 200:
-        try:
+    handed_over = False
+    try:
+        if resp.status_code != 200:
             body = await resp.aread()
-        finally:
+            if resp.status_code >= 500:
+                exchange.failed(f"upstream_{resp.status_code}")
+            else:
+                upstream.checker.succeeded(exchange.endpoint)
+            raise upstream_error(resp.status_code, body)
+        if prepared.stream:
+            chunks = resp.aiter_raw()
+            try:
+                # Peek at the first event: a timeout here is still a 504, not a broken 200.
+                async with asyncio.timeout(remaining(outcome, timeouts.first_byte)):
+                    first = await anext(chunks)
+            except TimeoutError:
+                exchange.failed("first_byte_timeout")
+                raise UpstreamTimeout("the engine sent no token in time") from None
+            except StopAsyncIteration:
+                exchange.failed("empty_stream")
+                raise UpstreamError("the engine closed the stream without an event") from None
+            upstream.checker.succeeded(exchange.endpoint)
+            handed_over = True  # the stream owns the exchange from here on
+            return ProxyStream(relay_sse(exchange, chunks, first, prepared.strip_usage, timeouts), exchange)
+        try:
+            async with asyncio.timeout(remaining(outcome, timeouts.total)):
+                body = await resp.aread()
+        except TimeoutError:
+            exchange.failed("total_timeout")
+            raise UpstreamTimeout("the engine did not finish in time") from None
+        except httpx.HTTPError as exc:
+            exchange.failed("upstream_broken")
+            raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from None
+        upstream.checker.succeeded(exchange.endpoint)
+        outcome.ttft = time.perf_counter() - outcome.start
+        upstream.metrics.ttft.labels(pool.model).observe(outcome.ttft)
+        try:
+            exchange.record_usage(json.loads(body).get("usage"))
+        except (ValueError, AttributeError):
+            log.warning("engine answer is not a JSON object")
+        return Response(body, status_code=200, media_type="application/json")
+    finally:
+        if not handed_over:
             await exchange.close()
-        upstream.metrics.errors.labels(pool.model, f"upstream_{resp.status_code // 100}xx").inc()
-        raise upstream_error(resp.status_code, body)
-    if prepared.stream:
-        return ProxyStream(relay_sse(exchange, prepared.strip_usage), exchange, SSE_HEADERS)
-    try:
-        body = await resp.aread()
-    except httpx.TimeoutException:
-        upstream.metrics.errors.labels(pool.model, "upstream_timeout").inc()
-        raise UpstreamTimeout("the engine did not finish in time") from None
-    except httpx.HTTPError as exc:
-        raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from None
-    finally:
-        await exchange.close()
-    upstream.metrics.ttft.labels(pool.model).observe(time.perf_counter() - start)
-    try:
-        exchange.record_usage(json.loads(body).get("usage"))
-    except (ValueError, AttributeError):
-        log.warning("engine answer is not a JSON object")
-    return Response(body, status_code=200, media_type="application/json")
-
-
-async def relay_sse(exchange: Exchange, strip_usage: bool) -> AsyncIterator[bytes]:
-    """Pass SSE events through as they arrive; count usage; drop the usage event the client did not ask for."""
-    resp = exchange.response
-    assert resp is not None
-    metrics, model = exchange.upstream.metrics, exchange.pool.model
-    first_token_seen = False
-    pending = b""
-    try:
-        async for chunk in resp.aiter_raw():
-            pending += chunk
-            out: list[bytes] = []
-            while (end := pending.find(b"\n\n")) != -1:
-                event, pending = pending[: end + 2], pending[end + 2 :]
-                if not first_token_seen and has_content(event):
-                    first_token_seen = True
-                    metrics.ttft.labels(model).observe(time.perf_counter() - exchange.start)
-                if b'"usage"' in event and event.startswith(b"data: {") and is_usage_event(event):
-                    # The final usage event (no choices) counts once, even with continuous usage stats.
-                    exchange.record_usage(json.loads(event[6:]).get("usage"))
-                    if strip_usage:
-                        continue
-                out.append(event)
-            if out:
-                yield b"".join(out)
-        if pending:
-            yield pending
-    except httpx.TimeoutException:
-        metrics.errors.labels(model, "upstream_timeout_midstream").inc()
-        yield b"data: " + envelope_bytes("the engine stopped sending in time", "timeout_error", "upstream_timeout")
-        yield b"\n\n"
-    except httpx.HTTPError as exc:
-        metrics.errors.labels(model, "upstream_broken_midstream").inc()
-        log.warning("engine stream broke: %s", type(exc).__name__)
-        message = "the engine connection broke during the stream"
-        yield b"data: " + envelope_bytes(message, "upstream_error", "upstream_broken") + b"\n\n"
-    finally:
-        await exchange.close()

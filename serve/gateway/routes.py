@@ -10,24 +10,35 @@ from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import JSONResponse, Response
 
-from serve.config.gateway import ModelRoute
+from serve.config.model_file import ModelFile
+from serve.gateway.drain import Drain
 from serve.gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, error_response
 from serve.gateway.keystore import KeyStore
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.policy import Kind, apply_policy, check_access
 from serve.gateway.pool import EndpointPool
-from serve.gateway.proxy import Upstream, forward
+from serve.gateway.proxy import Outcome, ProxyStream, Upstream, forward
+from serve.gateway.tokens import TokenCounter
+
+
+@dataclass
+class ModelState:
+    model: ModelFile
+    pool: EndpointPool
+    counter: TokenCounter
 
 
 @dataclass
 class GatewayState:
     """Resources owned by the lifespan, handed to handlers as a typed dependency."""
 
-    routes: dict[str, tuple[ModelRoute, EndpointPool]]
+    # Served names and aliases -> the model's state (aliases share one entry).
+    models: dict[str, ModelState]
     pools: list[EndpointPool]
     upstream: Upstream
     keystore: KeyStore
     metrics: GatewayMetrics
+    drain: Drain
     max_body_bytes: int
     created: int
 
@@ -62,19 +73,38 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
 
 
 async def generate(request: Request, state: GatewayState, kind: Kind, path: str) -> Response:
-    start = float(request.state.start)
+    if state.drain.active:
+        raise Unavailable("the gateway is shutting down", code="draining", headers={"retry-after": "1"})
+    outcome = Outcome(start=float(request.state.start))
+    request.state.outcome = outcome
     body = await read_json_body(request, state.max_body_bytes)
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
-    found = state.routes.get(requested)
+    found = state.models.get(requested)
     if found is None:
         raise NotFound(f"The model {requested!r} does not exist.", param="model", code="model_not_found")
-    route, pool = found
-    request.state.model = route.model.name
-    check_access(request.state.key, route.model, requested)
-    prepared = apply_policy(body, route.model, kind)
-    return await forward(request, state.upstream, pool, path, prepared, start)
+    model, pool = found.model, found.pool
+    request.state.model = model.name
+    check_access(request.state.key, model, requested)
+    routing = model.policy.routing
+    session = request.headers.get(routing.session_header)
+    prepared = apply_policy(body, model, kind, found.counter, session)
+    if routing.max_inflight is not None and pool.outstanding >= routing.max_inflight:
+        state.metrics.errors.labels(model.name, "overloaded").inc()
+        raise Unavailable(
+            f"model {model.name!r} is at its limit of {routing.max_inflight} requests in flight",
+            code="overloaded",
+            headers={"retry-after": "1"},
+        )
+    try:
+        response = await forward(request, state.upstream, pool, path, prepared, outcome, model.policy.timeouts)
+    except BaseException:
+        await outcome.finish()
+        raise
+    if not isinstance(response, ProxyStream):
+        await outcome.finish()
+    return response
 
 
 @router.post("/v1/chat/completions")
@@ -90,19 +120,11 @@ async def completions(request: Request, state: State) -> Response:
 @router.get("/v1/models")
 async def list_models(request: Request, state: State) -> JSONResponse:
     key = request.state.key
-    data = []
-    for name, (route, _) in state.routes.items():
-        if key.models and not set(key.models) & set(route.model.names):
-            continue
-        data.append(
-            {
-                "id": name,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "llmserve",
-                "root": route.model.name,
-            }
-        )
+    data = [
+        {"id": name, "object": "model", "created": state.created, "owned_by": "llmserve", "root": entry.model.name}
+        for name, entry in state.models.items()
+        if not key.models or set(key.models) & set(entry.model.names)
+    ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -113,6 +135,8 @@ async def healthz() -> JSONResponse:
 
 @router.get("/readyz")
 async def readyz(state: State) -> Response:
+    if state.drain.active:
+        return error_response(Unavailable("the gateway is shutting down", code="draining"))
     waiting = [pool.model for pool in state.pools if not pool.ready]
     if waiting:
         return error_response(Unavailable(f"no healthy engine yet for: {', '.join(waiting)}", code="not_ready"))

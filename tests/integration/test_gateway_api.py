@@ -11,6 +11,7 @@ from openai import OpenAI
 
 from serve.config.keys import create_key
 from tests.integration.conftest import ENGINE_KEY, Gateway
+from tests.metrics_text import metric_sum
 
 
 def client(gw: Gateway, key: str | None = None) -> OpenAI:
@@ -199,9 +200,11 @@ def test_metrics_count_requests_and_tokens(gateway: Gateway) -> None:
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     text = httpx.get(f"{gateway.url}/metrics").text
-    assert 'gateway_requests_total{model="fake-model",route="/v1/chat/completions",status_class="2xx"} 1.0' in text
-    assert 'gateway_requests_total{model="none",route="/v1/chat/completions",status_class="4xx"} 1.0' in text
-    assert 'gateway_prompt_tokens_total{model="fake-model"} 7.0' in text
-    assert 'gateway_completion_tokens_total{model="fake-model"} 3.0' in text
-    assert 'gateway_time_to_first_token_seconds_count{model="fake-model"} 1.0' in text
+    route = "/v1/chat/completions"
+    assert metric_sum(text, "gateway_requests_total", model="fake-model", route=route, status_class="2xx") == 1
+    assert metric_sum(text, "gateway_requests_total", model="none", route=route, status_class="4xx") == 1
+    assert metric_sum(text, "gateway_prompt_tokens_total", model="fake-model") == 7
+    assert metric_sum(text, "gateway_completion_tokens_total", model="fake-model") == 3
+    assert metric_sum(text, "gateway_time_to_first_token_seconds_count", model="fake-model") == 1
+    assert metric_sum(text, "gateway_overhead_seconds_count", model="fake-model") == 1
     assert gateway.key not in text

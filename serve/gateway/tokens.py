@@ -1,0 +1,115 @@
+"""Counting prompt tokens in the gateway with the model's own tokenizer and chat template (or an estimate)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Without a tokenizer: English averages ~4 characters a token; 3 over-counts, which is the safe side for limits.
+CHARS_PER_TOKEN_ESTIMATE = 3
+
+
+@dataclass(frozen=True)
+class PromptInfo:
+    tokens: int
+    exact: bool
+    # The longest single prompt (a completions request may carry several); what must fit the context.
+    longest: int
+    # Hash of the prompt's first N tokens (or characters, when estimating): the prefix-affinity key.
+    prefix_key: str
+
+
+def _raise(message: str) -> None:
+    raise ValueError(message)
+
+
+class TokenCounter:
+    def __init__(self, folder: Path | None, prefix_tokens: int) -> None:
+        self.prefix_tokens = prefix_tokens
+        self.tokenizer: Any = None
+        self.template: Any = None
+        if folder is None or not (folder / "tokenizer.json").is_file():
+            return
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        source = self._template_source(folder)
+        if source is not None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise
+            env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+            self.template = env.from_string(source)
+        self.special = self._special_tokens(folder)
+
+    @staticmethod
+    def _template_source(folder: Path) -> str | None:
+        if (folder / "chat_template.jinja").is_file():
+            return (folder / "chat_template.jinja").read_text()
+        config = folder / "tokenizer_config.json"
+        if config.is_file():
+            template = json.loads(config.read_text()).get("chat_template")
+            if isinstance(template, str):
+                return template
+        return None
+
+    @staticmethod
+    def _special_tokens(folder: Path) -> dict[str, str]:
+        config = folder / "tokenizer_config.json"
+        data = json.loads(config.read_text()) if config.is_file() else {}
+        return {k: v for k in ("bos_token", "eos_token") if isinstance(v := data.get(k), str)}
+
+    @property
+    def exact(self) -> bool:
+        return self.tokenizer is not None
+
+    def _info(self, text: str, add_special: bool) -> PromptInfo:
+        if self.tokenizer is None:
+            head = text[: self.prefix_tokens * CHARS_PER_TOKEN_ESTIMATE]
+            tokens = -(-len(text.encode()) // CHARS_PER_TOKEN_ESTIMATE)
+            key = hashlib.blake2b(head.encode(), digest_size=8).hexdigest()
+            return PromptInfo(tokens, exact=False, longest=tokens, prefix_key=key)
+        ids = self.tokenizer.encode(text, add_special_tokens=add_special).ids
+        head_bytes = json.dumps(ids[: self.prefix_tokens]).encode()
+        key = hashlib.blake2b(head_bytes, digest_size=8).hexdigest()
+        return PromptInfo(len(ids), exact=True, longest=len(ids), prefix_key=key)
+
+    def chat(self, messages: list[dict[str, Any]]) -> PromptInfo:
+        if self.template is not None:
+            try:
+                text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
+                return self._info(text, add_special=False)
+            except Exception as exc:  # a template that cannot render these messages: fall back to the text
+                log.debug("chat template did not render: %s", exc)
+        return self._info("\n".join(_message_text(m) for m in messages), add_special=True)
+
+    def completion(self, prompt: object) -> PromptInfo:
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = [int(t) for t in prompt]
+            key = hashlib.blake2b(json.dumps(ids[: self.prefix_tokens]).encode(), digest_size=8).hexdigest()
+            return PromptInfo(len(ids), exact=True, longest=len(ids), prefix_key=key)
+        if isinstance(prompt, list):
+            infos = [self.completion(p) for p in prompt]
+            if not infos:
+                return self._info("", add_special=True)
+            return PromptInfo(
+                sum(i.tokens for i in infos),
+                all(i.exact for i in infos),
+                longest=max(i.longest for i in infos),
+                prefix_key=infos[0].prefix_key,
+            )
+        return self._info(str(prompt), add_special=True)
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return f"{message.get('role', '')}: {content or ''}"
