@@ -53,6 +53,7 @@ class GatewayFile(Strict):
     keys_file: Path = Path(".llmserve/keys.yaml")
     models: list[ModelEntry] = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(default=32 * 1024, gt=0)
     health_interval: float = Field(default=2.0, gt=0)
     # Seconds requests in flight may take to finish after SIGTERM.
     drain_timeout: float = Field(default=30.0, ge=0)

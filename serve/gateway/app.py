@@ -17,7 +17,7 @@ from serve.gateway.drain import Drain
 from serve.gateway.errors import install_error_handlers
 from serve.gateway.keystore import KeyStore
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.middleware import AuthMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve.gateway.middleware import AuthMiddleware, HeaderLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve.gateway.pool import EndpointPool, HealthChecker
 from serve.gateway.proxy import Upstream
 from serve.gateway.routes import GatewayState, ModelState, router
@@ -91,6 +91,7 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
         title="llmserve gateway",
         lifespan=lifespan,
         middleware=[
+            Middleware(HeaderLimitMiddleware, max_bytes=settings.file.max_header_bytes),
             Middleware(RequestIdMiddleware),
             Middleware(MetricsMiddleware, metrics=metrics, drain=drain),
             Middleware(AuthMiddleware, keystore=keystore),

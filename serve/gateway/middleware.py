@@ -1,4 +1,4 @@
-"""Pure ASGI middleware, outermost first: request id -> metrics and access log -> auth."""
+"""Pure ASGI middleware, outermost first: header limit -> request id -> metrics and access log -> auth."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.gateway.drain import Drain
-from serve.gateway.errors import Unauthorized, error_response
+from serve.gateway.errors import GatewayError, Unauthorized, error_response
 from serve.gateway.keystore import KeyStore
 from serve.gateway.metrics import GatewayMetrics, route_label, status_class
 from serve.logs import request_id_var
@@ -31,6 +31,24 @@ def header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return str(value.decode("latin-1"))
     return None
+
+
+class HeaderLimitMiddleware:
+    """Refuses requests whose headers exceed a size (431) before anything else looks at them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", ()))
+            if size > self.max_bytes:
+                err = GatewayError(f"request headers are larger than {self.max_bytes} bytes", code="headers_too_large")
+                err.status, err.type = 431, "invalid_request_error"
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class RequestIdMiddleware:

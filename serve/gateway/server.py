@@ -12,9 +12,6 @@ from serve.gateway.app import create_app
 from serve.gateway.drain import Drain
 from serve.logs import setup_logging
 
-# Headers beyond this size are refused by the HTTP parser itself (431/400) before any handler runs.
-MAX_HEADER_BYTES = 32 * 1024
-
 
 class GatewayServer(uvicorn.Server):
     """The first SIGTERM/SIGINT drains (readiness 503, new requests 503, in-flight finish); a second one exits now."""
@@ -48,6 +45,5 @@ def run_gateway(settings: GatewaySettings) -> None:
         # The drain already waited for requests in flight; this only bounds the last connection close.
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
-        h11_max_incomplete_event_size=MAX_HEADER_BYTES,
     )
     GatewayServer(config, drain).run()

@@ -19,7 +19,8 @@ from starlette.routing import Route
 @dataclass
 class FakeEngine:
     healthy: bool = True
-    # "ok", "status" (answer with `status`), "die" (close the connection mid-stream)
+    # "ok"; "status" (answer with `status`); "die" (break the connection mid-stream); "hang" (never send
+    # headers); "stall" (stop sending after the first token)
     mode: str = "ok"
     status: int = 500
     chunks: int = 3
@@ -46,6 +47,12 @@ class FakeEngine:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(dict(request.headers))
+        if self.mode == "hang":
+            # Never answer, but notice (as vLLM does) when the caller closes the connection.
+            while not await request.is_disconnected():  # noqa: ASYNC110 (polling is how Starlette exposes it)
+                await asyncio.sleep(0.05)
+            self.aborted.set()
+            return Response(status_code=499)
         if self.mode == "status":
             error = {"error": {"message": f"fake says {self.status}", "type": "X", "param": None, "code": None}}
             return JSONResponse(error, status_code=self.status)
@@ -75,6 +82,8 @@ class FakeEngine:
                 await asyncio.sleep(self.delay)
                 if self.mode == "die" and i == 1:
                     raise RuntimeError("fake engine dies mid-stream")
+                if self.mode == "stall" and i == 1:
+                    await asyncio.sleep(3600)
                 self.sent_at.append(time.monotonic())
                 yield event({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]})
             if (body.get("stream_options") or {}).get("include_usage"):
