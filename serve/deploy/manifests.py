@@ -42,10 +42,6 @@ def engine_name(model: ModelFile) -> str:
     return f"llmserve-engine-{slug(model.name)}"
 
 
-def engine_url(model: ModelFile) -> str:
-    return f"http://{engine_name(model)}:{PORT}"
-
-
 def runtime(model: ModelFile) -> Runtime:
     """Ray's executor means a KubeRay cluster; anything else fits one pod."""
     return "ray" if model.engine.distributed_executor_backend == "ray" else "deployment"
@@ -78,14 +74,22 @@ def startup_failure_threshold(model: ModelFile) -> int:
     return math.ceil(model.engine.startup_timeout / STARTUP_PERIOD_SECONDS)
 
 
+def discovery(model: ModelFile) -> Json:
+    """How the gateway finds this model's engine pods: its headless Service, re-resolved at every health check,
+    so each pod is an endpoint of its own (least-outstanding choice, health checks, ejection)."""
+    if model.endpoints or model.discovery is not None:
+        raise ConfigError(f"{model.name}: in Kubernetes the render step says where the engines are, not the file")
+    return {"discovery": {"name": engine_name(model), "port": PORT}}
+
+
 def gateway_settings(gateway: GatewayFile, models: list[ModelFile]) -> Json:
-    """configs/gateway.yaml as the gateway pods read it: listening on all interfaces, engines at their Services."""
-    data = gateway.model_dump(mode="json")
+    """configs/gateway.yaml as the gateway pods read it: listening on all interfaces, the model files mounted."""
+    data = gateway.model_dump(mode="json", exclude_unset=True)
     data.update(
         host="0.0.0.0",
         port=PORT,
         keys_file=GATEWAY_KEYS_FILE,
-        models=[{"file": f"{GATEWAY_MODELS_DIR}/{slug(m.name)}.yaml", "endpoints": [engine_url(m)]} for m in models],
+        models=[{"file": f"{GATEWAY_MODELS_DIR}/{slug(m.name)}.yaml"} for m in models],
     )
     GatewayFile.model_validate(data)
     return data

@@ -27,12 +27,18 @@ TEMPLATES = {"deployment": K8S_DIR / "engine", "ray": K8S_DIR / "ray"}
 class Overlay:
     """An overlay's render input, loaded and validated."""
 
+    root: Path
     path: Path
     spec: OverlaySpec
     gateway: GatewayFile
     models: list[tuple[ModelDeploy, ModelFile]]
     namespace: str | None
     version: str
+
+    @property
+    def spec_file(self) -> Path:
+        """The render input, relative to the repository root (as generated files name their sources)."""
+        return self.path.relative_to(self.root) / SPEC_FILE
 
 
 def header(*sources: Path) -> str:
@@ -57,12 +63,14 @@ def overlay_namespace(overlay: Path) -> str | None:
 
 
 def load_overlay(root: Path, overlay: Path) -> Overlay:
+    root, overlay = root.resolve(), overlay.resolve()
     spec = load_overlay_spec(overlay / SPEC_FILE)
     models = [(entry, load_model_file(root / entry.file)) for entry in spec.models]
     slugs = [m.slug(model.name) for _, model in models]
     if len(set(slugs)) != len(slugs):
         raise ConfigError(f"{overlay / SPEC_FILE}: two models give the same Kubernetes name ({', '.join(slugs)})")
     return Overlay(
+        root=root,
         path=overlay,
         spec=spec,
         gateway=load_model(GatewayFile, root / spec.gateway, empty_ok=True),
@@ -72,16 +80,16 @@ def load_overlay(root: Path, overlay: Path) -> Overlay:
     )
 
 
-def render_engine(root: Path, ov: Overlay, entry: ModelDeploy, model: ModelFile) -> dict[str, str]:
+def render_engine(ov: Overlay, entry: ModelDeploy, model: ModelFile) -> dict[str, str]:
     """One model's engine: its template instantiated with a name suffix, the model file and the derived fields."""
     name = m.slug(model.name)
     source = entry.file
     directory = f"engine-{name}"
     runtime = m.runtime(model)
-    template = os.path.relpath(root / TEMPLATES[runtime], ov.path / GENERATED / directory)
+    template = os.path.relpath(ov.root / TEMPLATES[runtime], ov.path / GENERATED / directory)
     image = m.engine_image(ov.spec.registry, model, ov.version)
     resources = [template]
-    files = {f"{directory}/model.yaml": header(source) + (root / source).read_text(encoding="utf-8")}
+    files = {f"{directory}/model.yaml": header(source) + (ov.root / source).read_text(encoding="utf-8")}
     if runtime == "ray":
         if entry.autoscale is not None:
             raise ConfigError(f"{ov.path / SPEC_FILE}: {model.name} runs on Ray: its size is fixed, no autoscale")
@@ -94,7 +102,7 @@ def render_engine(root: Path, ov: Overlay, entry: ModelDeploy, model: ModelFile)
         if ov.namespace is None:
             raise ConfigError(f"{ov.path}/kustomization.yaml: autoscale needs the overlay's namespace")
         files[f"{directory}/scaledobject.yaml"] = dump(
-            m.scaled_object(model, ov.namespace, entry.autoscale), source, ov.path / SPEC_FILE
+            m.scaled_object(model, ov.namespace, entry.autoscale), source, ov.spec_file
         )
         resources.append("scaledobject.yaml")
     kustomization = {
@@ -110,15 +118,26 @@ def render_engine(root: Path, ov: Overlay, entry: ModelDeploy, model: ModelFile)
     return files
 
 
+def gateway_model_file(ov: Overlay, entry: ModelDeploy, model: ModelFile) -> str:
+    """The model file as the gateway reads it: the same file, plus where the engine pods are."""
+    text = (ov.root / entry.file).read_text(encoding="utf-8").rstrip("\n") + "\n"
+    added = yaml.safe_dump(m.discovery(model), sort_keys=False)
+    text = f"{header(entry.file)}{text}# Added by the render step: the engines' headless Service.\n{added}"
+    ModelFile.model_validate(yaml.safe_load(text))
+    return text
+
+
 def render_overlay(root: Path, overlay: Path) -> dict[str, str]:
     """Every file of overlay/generated/, by path relative to it."""
     ov = load_overlay(root, overlay)
-    spec_file = overlay / SPEC_FILE
+    spec_file = ov.spec_file
     gateway_source = ov.spec.gateway
     files: dict[str, str] = {}
     for entry, model in ov.models:
-        files.update(render_engine(root, ov, entry, model))
+        files.update(render_engine(ov, entry, model))
     model_files = [model for _, model in ov.models]
+    for entry, model in ov.models:
+        files[f"models/{m.slug(model.name)}.yaml"] = gateway_model_file(ov, entry, model)
     files["gateway.yaml"] = dump(m.gateway_settings(ov.gateway, model_files), gateway_source, spec_file)
     image = m.gateway_image(ov.spec.registry, ov.version)
     files["gateway-patch.yaml"] = dump(m.gateway_patch(ov.gateway, image), gateway_source, spec_file)
@@ -130,7 +149,7 @@ def render_overlay(root: Path, overlay: Path) -> dict[str, str]:
             {"name": "llmserve-gateway", "files": ["gateway.yaml"]},
             {
                 "name": "llmserve-models",
-                "files": [f"{m.slug(model.name)}.yaml=engine-{m.slug(model.name)}/model.yaml" for model in model_files],
+                "files": [f"models/{m.slug(model.name)}.yaml" for model in model_files],
             },
         ],
         "patches": [{"path": "gateway-patch.yaml"}],
