@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from serve.config.model_file import ModelFile
+from serve.config.model_file import ModelFile, load_model_file
 from serve.deploy.manifests import slug
 from serve.deploy.spec import SPEC_FILE, load_overlay_spec
 
@@ -44,8 +44,6 @@ def rendered(overlay: str) -> list[Obj]:
 
 def source_models(overlay: str) -> dict[str, tuple[Path, ModelFile]]:
     """The model files an overlay is made from (its llmserve.yaml), by Kubernetes name."""
-    from serve.config.model_file import load_model_file
-
     spec = load_overlay_spec(K8S / "overlays" / overlay / SPEC_FILE)
     models = {}
     for entry in spec.models:

@@ -20,7 +20,7 @@ SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 BARE_NAME = re.compile(r"\b((?:gateway|vllm)[a-zA-Z0-9_:]*)")
 MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)")
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
-SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "summary": ("", "_sum", "_count")}
 
 
 def gateway_series() -> dict[str, set[str]]:
@@ -29,7 +29,7 @@ def gateway_series() -> dict[str, set[str]]:
         if isinstance(metric, MetricWrapperBase):
             labels = set(metric._labelnames)  # noqa: SLF001 (label names of a metric not observed yet)
             for family in metric.describe():
-                for suffix in SUFFIXES[family.type]:
+                for suffix in SUFFIXES.get(family.type, ("",)):
                     series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     assert "gateway_requests_total" in series
     return series
@@ -42,7 +42,7 @@ def vllm_series() -> dict[str, set[str]]:
     source = (Path(next(iter(spec.submodule_search_locations))) / "v1" / "metrics" / "loggers.py").read_text()
     series: dict[str, set[str]] = {}
     for kind, name in re.findall(r"self\._(counter|gauge|histogram)_cls\(\s*name=\"(vllm:[a-z_:]+)\"", source):
-        for suffix in SUFFIXES[kind]:
+        for suffix in SUFFIXES.get(kind, ("",)):
             series[name + suffix] = {"model_name", "engine"} | ({"le"} if suffix == "_bucket" else set())
     assert "vllm:num_requests_waiting" in series, "vLLM's metric definitions moved: update this test"
     return series
