@@ -16,6 +16,7 @@ from serve.config.gateway import GatewaySettings
 from serve.gateway.drain import Drain
 from serve.gateway.errors import install_error_handlers
 from serve.gateway.keystore import KeyStore
+from serve.gateway.limits import create_limiter
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.middleware import AuthMiddleware, HeaderLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
 from serve.gateway.pool import EndpointPool, HealthChecker
@@ -62,7 +63,9 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
             pools.append(pool)
             entry = ModelState(model=route.model, pool=pool, counter=counter)
             models.update(dict.fromkeys(route.model.names, entry))
-        async with http_client() as client:
+        limiter = create_limiter(settings.file.limits)
+        async with http_client() as client, contextlib.AsyncExitStack() as resources:
+            resources.push_async_callback(limiter.aclose)
             checker = HealthChecker(pools, client, settings.file.health_interval, metrics)
             await checker.check_all()
             state = GatewayState(
@@ -72,6 +75,7 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
                 keystore=keystore,
                 metrics=metrics,
                 drain=drain,
+                limiter=limiter,
                 max_body_bytes=settings.file.max_body_bytes,
                 created=int(time.time()),
             )
@@ -99,5 +103,8 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
     )
     install_error_handlers(app)
     app.include_router(router)
+    app.openapi_schema = None
+    schema = app.openapi()
+    schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
     app.state.keystore = keystore
     return app

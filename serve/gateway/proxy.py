@@ -47,6 +47,9 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft: float | None = None
+    # Without the engine's usage (a stream cut short): the gateway's prompt count plus the content events sent.
+    prompt_estimate: int = 0
+    content_events: int = 0
     # Run once when the request is over, whatever the path (answer, error, timeout, disconnect).
     finalizers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -57,9 +60,12 @@ class Outcome:
 
     @property
     def total_tokens(self) -> int | None:
-        if self.prompt_tokens is None:
-            return None
-        return self.prompt_tokens + (self.completion_tokens or 0)
+        """Tokens the request used: the engine's usage, else an estimate once anything was generated."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens + (self.completion_tokens or 0)
+        if self.content_events:
+            return self.prompt_estimate + self.content_events
+        return None
 
     async def finish(self) -> None:
         todo, self.finalizers = self.finalizers, []

@@ -12,11 +12,21 @@ from starlette.responses import JSONResponse, Response
 
 from serve.config.model_file import ModelFile
 from serve.gateway.drain import Drain
-from serve.gateway.errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, error_response
+from serve.gateway.errors import (
+    BadRequest,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    RateLimited,
+    Unavailable,
+    error_response,
+)
 from serve.gateway.keystore import KeyStore
+from serve.gateway.limits import Limiter
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.policy import Kind, apply_policy, check_access
 from serve.gateway.pool import EndpointPool
+from serve.gateway.protocol import BEARER, CHAT_REQUEST, COMPLETION_REQUEST, body
 from serve.gateway.proxy import Outcome, ProxyStream, Upstream, forward
 from serve.gateway.tokens import TokenCounter
 
@@ -39,6 +49,7 @@ class GatewayState:
     keystore: KeyStore
     metrics: GatewayMetrics
     drain: Drain
+    limiter: Limiter
     max_body_bytes: int
     created: int
 
@@ -97,27 +108,40 @@ async def generate(request: Request, state: GatewayState, kind: Kind, path: str)
             code="overloaded",
             headers={"retry-after": "1"},
         )
+    key = request.state.key
+    try:
+        ticket = await state.limiter.acquire(key, prepared.reserve_tokens)
+    except RateLimited as exc:
+        state.metrics.rate_limited.labels(model.name, key.id, exc.code or "rate_limit").inc()
+        raise
+    outcome.prompt_estimate = prepared.prompt_tokens
+    outcome.finalizers.append(lambda: state.limiter.settle(ticket, outcome.total_tokens))
     try:
         response = await forward(request, state.upstream, pool, path, prepared, outcome, model.policy.timeouts)
+    except GatewayError as exc:
+        exc.headers.update(ticket.headers)
+        await outcome.finish()
+        raise
     except BaseException:
         await outcome.finish()
         raise
+    response.headers.update(ticket.headers)
     if not isinstance(response, ProxyStream):
         await outcome.finish()
     return response
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra={**body(CHAT_REQUEST), **BEARER})
 async def chat_completions(request: Request, state: State) -> Response:
     return await generate(request, state, "chat", "/v1/chat/completions")
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra={**body(COMPLETION_REQUEST), **BEARER})
 async def completions(request: Request, state: State) -> Response:
     return await generate(request, state, "completion", "/v1/completions")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", openapi_extra=BEARER)
 async def list_models(request: Request, state: State) -> JSONResponse:
     key = request.state.key
     data = [

@@ -58,6 +58,7 @@ async def relay_sse(
             while (end := pending.find(b"\n\n")) != -1:
                 event, pending = pending[: end + 2], pending[end + 2 :]
                 if has_content(event):
+                    outcome.content_events += 1
                     now = time.perf_counter()
                     if last_token is None:
                         outcome.ttft = now - outcome.start
