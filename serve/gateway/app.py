@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -43,6 +44,18 @@ async def reload_keys(keystore: KeyStore) -> None:
     while True:
         await asyncio.sleep(KEYS_RELOAD_INTERVAL)
         keystore.reload_if_changed()
+
+
+def document_models(app: FastAPI, names: list[str]) -> None:
+    """The OpenAPI document names the bearer scheme and the models this gateway serves."""
+    schema = app.openapi()
+    schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        operation = schema["paths"][path]["post"]
+        # A copy: the route's openapi_extra is shared by every app built in this process.
+        operation["requestBody"] = copy.deepcopy(operation["requestBody"])
+        body = operation["requestBody"]["content"]["application/json"]["schema"]
+        body["properties"]["model"] = {"type": "string", "enum": names}
 
 
 def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI:
@@ -103,8 +116,6 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
     )
     install_error_handlers(app)
     app.include_router(router)
-    app.openapi_schema = None
-    schema = app.openapi()
-    schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    document_models(app, sorted(name for route in settings.routes for name in route.model.names))
     app.state.keystore = keystore
     return app
