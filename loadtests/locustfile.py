@@ -46,7 +46,9 @@ def add_arguments(parser: Any) -> None:
     g.add_argument("--max-output-len", env_var="LOADTEST_MAX_OUTPUT_LEN", type=optional_int, default=None)
     g.add_argument("--max-model-len", env_var="LOADTEST_MAX_MODEL_LEN", type=optional_int, default=None)
     g.add_argument("--ignore-eos", env_var="LOADTEST_IGNORE_EOS", type=int, default=1, help="1: exact lengths")
-    g.add_argument("--temperature", env_var="LOADTEST_TEMPERATURE", type=float, default=0.7)
+    g.add_argument(
+        "--sampling", env_var="LOADTEST_SAMPLING", type=json.loads, default={"temperature": 0.7}, help="JSON object"
+    )
     g.add_argument("--cache-salt", env_var="LOADTEST_CACHE_SALT", default="", help="vLLM prefix-cache salt")
     g.add_argument("--arrival", env_var="LOADTEST_ARRIVAL", default="closed", choices=ARRIVALS)
     g.add_argument("--rate", env_var="LOADTEST_RATE", type=float, default=1.0, help="open loop: requests/s")
@@ -66,7 +68,7 @@ class Plan:
         self.options = o
         lengths = Lengths(o.input_len, o.output_len, o.max_output_len, o.max_model_len)
         self.specs: list[RequestSpec] = generate(
-            o.scenario, o.model, o.pool_size, o.seed, lengths, ignore_eos=bool(o.ignore_eos), temperature=o.temperature
+            o.scenario, o.model, o.pool_size, o.seed, lengths, ignore_eos=bool(o.ignore_eos), sampling=o.sampling
         )
         self.extra = {"cache_salt": o.cache_salt} if o.cache_salt else {}
         self.counter = itertools.count()

@@ -51,7 +51,7 @@ class LoadConfig:
     seed: int = 0
     lengths: Lengths = field(default_factory=Lengths)
     ignore_eos: bool = True
-    temperature: float = 0.7
+    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.7})
     warmup: float = 10.0
     duration: float = 60.0
     stop_timeout: float = 120.0
@@ -121,8 +121,8 @@ def locust_command(target: Target, level: Level, config: LoadConfig, records: Pa
         str(config.pool_size),
         "--ignore-eos",
         str(int(config.ignore_eos)),
-        "--temperature",
-        str(config.temperature),
+        "--sampling",
+        json.dumps(config.sampling),
         "--arrival",
         config.arrival,
         "--max-in-flight",

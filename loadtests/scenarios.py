@@ -23,6 +23,7 @@ WORDS = tuple(_WORD_LIST.split())
 # Tokens a chat template adds around the user's message (SmolLM2's adds a default system prompt: ~30 tokens).
 CHAT_TEMPLATE_TOKENS = 40
 CHAT_PATH = "/v1/chat/completions"
+DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.7}
 COMPLETION_PATH = "/v1/completions"
 
 
@@ -152,11 +153,11 @@ def build_body(
     rng: random.Random,
     *,
     ignore_eos: bool,
-    temperature: float,
+    sampling: dict[str, Any],
 ) -> dict[str, Any]:
     # The index leads the prompt so no two requests share more than the chat template as a cached prefix.
     text = f"Request {index}. " + prompt_words(rng, max(1, input_len - 4))
-    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": temperature}
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, **sampling}
     if spec.path == CHAT_PATH:
         body["messages"] = [{"role": "user", "content": text}]
     else:
@@ -193,10 +194,15 @@ def generate(
     lengths: Lengths | None = None,
     *,
     ignore_eos: bool = True,
-    temperature: float = 0.7,
+    sampling: dict[str, Any] | None = None,
 ) -> list[RequestSpec]:
-    """`count` requests of a scenario or mix; the same arguments always give the same requests."""
+    """`count` requests of a scenario or mix; the same arguments always give the same requests.
+
+    `sampling` (temperature, top_p, ...) goes into every body as given: the same values must reach every target,
+    or a server that fills in its own defaults (a gateway's policy) does different work for the same request.
+    """
     lengths = lengths or Lengths()
+    sampling = DEFAULT_SAMPLING if sampling is None else sampling
     rng = random.Random(f"{seed}:{name}")
     if name in MIXES:
         names = [part for part, _ in MIXES[name].parts]
@@ -210,8 +216,6 @@ def generate(
     for index, pick in enumerate(picks):
         spec = SCENARIOS[pick]
         input_len, output_len = fit_lengths(spec, spec.input_len.sample(rng), spec.output_len.sample(rng), lengths)
-        body = build_body(
-            spec, model, index, input_len, output_len, rng, ignore_eos=ignore_eos, temperature=temperature
-        )
+        body = build_body(spec, model, index, input_len, output_len, rng, ignore_eos=ignore_eos, sampling=sampling)
         out.append(RequestSpec(index, pick, spec.path, spec.stream, input_len, output_len, body))
     return out
