@@ -49,15 +49,19 @@ def assert_measures_the_delays(result: LevelResult) -> None:
     for r in ok:
         assert r.completion_tokens == TOKENS and r.prompt_tokens == 7  # the fake engine's usage
         assert r.ttft is not None and r.e2e is not None and r.tpot is not None
-        # The first text event comes after one delay (the role chunk before it is not a token).
-        assert DELAY - 0.01 <= r.ttft <= DELAY + SLACK
         assert len(r.itls) == TOKENS - 1
-        assert all(DELAY - 0.01 <= gap <= DELAY + SLACK for gap in r.itls)
-        assert TOKENS * DELAY - 0.01 <= r.e2e <= TOKENS * DELAY + 2 * SLACK
-        assert r.tpot == pytest.approx(DELAY, abs=SLACK / 2)
+        # Lower bounds are physical: nothing can arrive before the server sent it. The first text event comes
+        # after one delay (the role chunk before it is not a token), each next one a delay later.
+        assert r.ttft >= DELAY - 0.01
+        assert min(r.itls) >= DELAY - 0.01
+        assert r.e2e >= TOKENS * DELAY - 0.01
+    # Upper bounds allow for scheduling noise, on the median so that one descheduled request does not decide.
+    assert statistics.median(r.ttft or 0 for r in ok) <= DELAY + SLACK
+    assert statistics.median(r.e2e or 0 for r in ok) <= TOKENS * DELAY + 2 * SLACK
+    assert statistics.median(r.tpot or 0 for r in ok) == pytest.approx(DELAY, abs=SLACK / 2)
     s = result.summary
     assert s["requests"]["failed"] == 0
-    assert s["itl_s"]["p50"] == pytest.approx(DELAY, abs=0.02)
+    assert s["itl_s"]["p50"] == pytest.approx(DELAY, abs=SLACK / 2)
     # Two users back to back, each producing 5 tokens per second.
     assert s["output_tok_s"] == pytest.approx(2 * TOKENS / (TOKENS * DELAY), rel=0.25)
 
