@@ -9,6 +9,7 @@ import openai
 import pytest
 from openai import OpenAI
 
+from serve.config.keys import create_key
 from tests.e2e.conftest import RunningStack
 from tests.metrics_text import metric_sum
 
@@ -135,3 +136,51 @@ def test_gateway_metrics_count_tokens_from_engine_usage(stack: RunningStack) -> 
     assert metric_sum(text, "gateway_time_to_first_token_seconds_count", model=stack.model) > 0
     assert metric_sum(text, "gateway_inter_token_latency_seconds_count", model=stack.model) > 0
     assert stack.key not in text
+
+
+def test_prompt_longer_than_the_context_never_reaches_the_engine(stack: RunningStack) -> None:
+    before = metric_sum(httpx.get(f"{stack.engine_url}/metrics").text, "vllm:request_success_total")
+    prompt = "word " * 2100  # SmolLM2's file allows 2048 tokens of context
+    with pytest.raises(openai.BadRequestError) as err:
+        client(stack).chat.completions.create(
+            model=stack.model, messages=[{"role": "user", "content": prompt}], max_tokens=10
+        )
+    assert err.value.code == "context_length_exceeded"
+    after = httpx.get(f"{stack.engine_url}/metrics").text
+    assert metric_sum(after, "vllm:request_success_total") == before
+    assert metric_sum(after, "vllm:num_requests_running") == 0
+
+
+def test_cancelled_streams_release_engine_gateway_and_key_slots(stack: RunningStack) -> None:
+    key, _ = create_key(stack.home / "keys.yaml", "two-at-a-time", max_concurrency=2)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{stack.v1}/models", headers={"authorization": f"Bearer {key}"}).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not pick up the new key"
+        time.sleep(0.2)
+    body = {"model": stack.model, "messages": QUESTION, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    headers = {"authorization": f"Bearer {key}"}
+    for _ in range(3):  # three rounds of two streams abandoned mid-way: leaked slots would refuse round two
+        with (
+            httpx.stream("POST", f"{stack.v1}/chat/completions", json=body, headers=headers, timeout=60) as a,
+            httpx.stream("POST", f"{stack.v1}/chat/completions", json=body, headers=headers, timeout=60) as b,
+        ):
+            assert (a.status_code, b.status_code) == (200, 200)
+            # Keep the line iterators referenced: a discarded one closes its stream.
+            lines = a.iter_lines(), b.iter_lines()
+            next(lines[0]), next(lines[1])
+            third = httpx.post(
+                f"{stack.v1}/chat/completions", json={**body, "stream": False}, headers=headers, timeout=60
+            )
+            assert third.status_code == 429 and third.json()["error"]["code"] == "concurrency_limit"
+        deadline = time.monotonic() + 15
+        while True:
+            engine = metric_sum(httpx.get(f"{stack.engine_url}/metrics").text, "vllm:num_requests_running")
+            gateway = metric_sum(httpx.get(f"{stack.url}/metrics").text, "gateway_inflight_requests")
+            if engine == 0 and gateway == 0:
+                break
+            assert time.monotonic() < deadline, (
+                f"after cancelling: engine running={engine}, gateway in flight={gateway}"
+            )
+            time.sleep(0.2)
+    final = httpx.post(f"{stack.v1}/chat/completions", json={**body, "stream": False, "max_tokens": 2}, headers=headers)
+    assert final.status_code == 200, "the key's concurrency slots were not all released"
