@@ -94,3 +94,15 @@ def test_bench_is_registered_on_the_cli() -> None:
     assert run.rates == [0.5, 2.0] and run.arrival == "constant"
     with pytest.raises(SystemExit):
         parser().parse_args(["bench", "run", "--users", "0"])
+
+
+def test_every_target_gets_the_model_policy_sampling() -> None:
+    from loadtests.cli import DEFAULT_MODEL_FILE, sampling
+    from serve.config.model_file import load_model_file
+
+    model = load_model_file(DEFAULT_MODEL_FILE)
+    defaults = parser().parse_args(["bench", "run"])
+    assert sampling(defaults, model) == {"temperature": 0.7, **model.policy.defaults}
+    assert sampling(defaults, model)["top_p"] == 0.9
+    chosen = parser().parse_args(["bench", "run", "--temperature", "0", "--top-p", "1"])
+    assert sampling(chosen, model) == {**model.policy.defaults, "temperature": 0.0, "top_p": 1.0}
