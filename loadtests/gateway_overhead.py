@@ -100,13 +100,13 @@ async def ttft(client: httpx.AsyncClient, url: str, key: str) -> float:
         "POST", f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {key}"}
     ) as resp:
         resp.raise_for_status()
+        first: float | None = None
         async for line in resp.aiter_lines():
-            if '"content":"tok' in line:
+            if first is None and '"content":"tok' in line:
                 first = time.perf_counter() - start
-                async for _ in resp.aiter_lines():
-                    pass
-                return first
-    raise RuntimeError("no token in the stream")
+    if first is None:
+        raise RuntimeError("no token in the stream")
+    return first
 
 
 def pct(values: list[float], q: float) -> float:
