@@ -157,6 +157,12 @@ def markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratio_table: 
         for name, row in ratio_table.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(label), digits=2) for label in labels) + " |")
     notes = [f"- {r.target} at {r.level.value:g}: {p}" for r in results for p in (*r.problems, *r.failures) if p]
+    cut = [r for r in results if r.summary["requests"]["cancelled_with_tokens_in_window"]]
+    notes += [
+        f"- {r.target} at {r.level.value:g}: {r.summary['requests']['cancelled_with_tokens_in_window']} requests "
+        "outlived the stop timeout with tokens inside the window; output tok/s undercounts them (raise --stop-timeout)"
+        for r in cut
+    ]
     late = [r for r in results if r.summary["requests"]["late"]]
     notes += [f"- {r.target} at {r.level.value:g}: {r.summary['requests']['late']} requests sent late" for r in late]
     busy = [r for r in results if r.loadgen["cpu_fraction"] > 0.8]

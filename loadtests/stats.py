@@ -99,6 +99,9 @@ def summarize(
         output += out
         prompt += inp
     finished = sum(1 for r in records if r.ok and r.end is not None and window.holds(r.end))
+    # Requests still running when the stop timeout ran out have no usage: their tokens inside the window are missing
+    # from the throughput (reported, never estimated from chunk counts).
+    unfinished = [r for r in records if r.cancelled and any(window.holds(r.start + t) for t in r.chunk_times)]
 
     def late(r: RequestRecord) -> float:
         return r.late if open_loop else 0.0
@@ -115,6 +118,7 @@ def summarize(
             "failed": len(failed),
             "error_rate": len(failed) / len(done) if done else 0.0,
             "cancelled_at_stop": len(measured) - len(done),
+            "cancelled_with_tokens_in_window": len(unfinished),
             "late": sum(1 for r in measured if r.scheduled is not None and r.late > late_tolerance),
             "streamed": len(streamed),
         },

@@ -56,7 +56,7 @@ def test_bodies_ask_for_usage_on_streams_and_exact_lengths() -> None:
 
 
 def test_mix_holds_every_part() -> None:
-    counts = {name: 0 for name in ("chat", "chat-nostream", "long-prompt", "completion")}
+    counts = dict.fromkeys(("chat", "chat-nostream", "long-prompt", "completion"), 0)
     for spec in generate("mix", "m", 2000, seed=3):
         counts[spec.scenario] += 1
     assert counts["chat"] == pytest.approx(1000, rel=0.1)

@@ -72,6 +72,7 @@ def test_summary_counts_tokens_inside_the_window_and_requests_started_in_it() ->
     assert s["requests_s"] == pytest.approx(0.2)
     req = s["requests"]
     assert (req["measured"], req["ok"], req["failed"], req["cancelled_at_stop"]) == (2, 1, 1, 1)
+    assert req["cancelled_with_tokens_in_window"] == 0
     assert req["error_rate"] == 0.5
     assert s["errors"] == {"HTTP 503": 1}
     assert s["ttft_s"]["p50"] == 0.5 and s["tpot_s"]["p50"] == pytest.approx(0.5)
@@ -81,6 +82,15 @@ def test_summary_counts_tokens_inside_the_window_and_requests_started_in_it() ->
     relaxed = summarize(RECORDS, Window(10.0, 20.0), SLO(ttft=1.0, tpot=0.5))
     assert relaxed["goodput"]["requests_s"] == pytest.approx(0.1)
     assert relaxed["goodput"]["output_tok_s"] == pytest.approx(0.5)
+
+
+def test_requests_cut_off_at_the_stop_are_reported() -> None:
+    cut = RequestRecord(
+        id=5, scenario="chat", stream=True, start=18.0, max_tokens=64, cancelled=True, chunk_times=[1.0, 2.5, 3.0]
+    )
+    s = summarize([*RECORDS, cut], Window(10.0, 20.0), SLO())
+    assert s["requests"]["cancelled_with_tokens_in_window"] == 1  # its event at 19 lies inside
+    assert s["output_tok_s"] == pytest.approx(0.9)  # and it adds nothing: it has no usage
 
 
 def test_open_loop_latency_counts_from_the_due_time() -> None:
