@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 from typing import Any
 
@@ -75,7 +74,6 @@ class Plan:
         self.sent = 0
         self.quitting = False
         self.dispatching = False
-        self.lock = threading.Lock()
         self.out = open(o.records, "a", buffering=1) if o.records else None  # noqa: SIM115 (closed on test_stop)
 
     def take(self) -> tuple[RequestSpec, int] | None:
