@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
 
 from serve.config.loader import load_model
+from serve.config.ray_settings import RAY_SERVE_HEALTH_PATH, RayServeSettings, RaySettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
@@ -138,6 +139,8 @@ class Routing(Strict):
     max_inflight: int | None = Field(default=None, gt=0)
     # Consecutive failures (connect errors, 5xx, timeouts) after which an endpoint is ejected until healthy again.
     eject_after: int = Field(default=3, gt=0)
+    # Path of each endpoint that answers 200 when it can take requests (vLLM: /health; Ray Serve: see ray).
+    health_path: str = Field(default="/health", pattern=r"^/")
 
 
 class Policy(Strict):
@@ -191,6 +194,20 @@ class ModelFile(Strict):
     # Where the gateway finds tokenizer.json (and chat_template.jinja) to count prompt tokens; default: the
     # prepared weights folder when `up` runs the engines, else an estimate from the prompt's length.
     tokenizer: str | None = None
+    # The Ray cluster for vLLM's Ray executor, or `ray.serve` to run the replicas on Ray Serve.
+    ray: RaySettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ray_serve_health_path(cls, data: Any) -> Any:
+        """Ray Serve's OpenAI app has no /health: probe its ingress instead unless the file names a path."""
+        if not (isinstance(data, dict) and isinstance(data.get("ray"), dict) and data["ray"].get("serve") is not None):
+            return data
+        policy = data.get("policy") or {}
+        if not isinstance(policy, dict) or not isinstance(policy.get("routing") or {}, dict):
+            return data
+        routing = {"health_path": RAY_SERVE_HEALTH_PATH, **(policy.get("routing") or {})}
+        return {**data, "policy": {**policy, "routing": routing}}
 
     @field_validator("aliases")
     @classmethod
@@ -210,7 +227,17 @@ class ModelFile(Strict):
             raise ValueError("synthetic weights need engine.load_format: dummy")
         if self.policy.max_tokens_cap >= self.engine.max_model_len:
             raise ValueError("policy.max_tokens_cap must be below engine.max_model_len")
+        if self.ray is not None and self.ray.serve is not None:
+            self._check_ray_serve(self.ray.serve)
         return self
+
+    def _check_ray_serve(self, serve: RayServeSettings) -> None:
+        if self.endpoints or self.discovery is not None:
+            raise ValueError("ray.serve runs the engines: endpoints and discovery do not apply")
+        if self.engine.distributed_executor_backend is not None:
+            raise ValueError("ray.serve places the engine ranks itself: drop engine.distributed_executor_backend")
+        if serve.autoscaling is not None and self.engine.replicas != 1:
+            raise ValueError("give engine.replicas or ray.serve.autoscaling, not both")
 
     @property
     def names(self) -> list[str]:

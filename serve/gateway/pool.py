@@ -67,7 +67,7 @@ class EndpointPool:
 
 
 class HealthChecker:
-    """Active checks of each engine's /health, passive ejection after consecutive failures, DNS refresh."""
+    """Active checks of each engine's health path, passive ejection after consecutive failures, DNS refresh."""
 
     def __init__(
         self, pools: list[EndpointPool], client: httpx.AsyncClient, interval: float, metrics: GatewayMetrics
@@ -97,7 +97,7 @@ class HealthChecker:
 
     async def probe(self, pool: EndpointPool, endpoint: Endpoint) -> None:
         try:
-            resp = await self.client.get(f"{endpoint.url}/health", timeout=min(self.interval, 5.0))
+            resp = await self.client.get(f"{endpoint.url}{pool.routing.health_path}", timeout=min(self.interval, 5.0))
             healthy = resp.status_code == 200
         except httpx.HTTPError:
             healthy = False
