@@ -25,6 +25,8 @@ from serve.engine.process import (
     restart_with_backoff,
 )
 from serve.models.prepare import ModelPrepareError, prepare_model
+from serve.ray.cluster import RAY_ADDRESS_ENV, RayClusterError, check_ray_executor
+from serve.ray.launch import RAY_STOP_SECONDS, ray_serve_child, wait_deployed
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,17 @@ class Engine:
     url: str
     child: ChildProcess
     restarting: asyncio.Task[None] | None = None
+    # Ray Serve: the runner writes it once the application runs (its proxy answers long before).
+    ready_file: Path | None = None
+
+    @property
+    def health_url(self) -> str:
+        return self.url + self.model.policy.routing.health_path
+
+    async def wait_ready(self) -> None:
+        if self.ready_file is not None:
+            await wait_deployed(self.child, self.ready_file, self.model.engine.startup_timeout)
+        await self.child.wait_healthy(self.health_url, self.model.engine.startup_timeout)
 
 
 @dataclass
@@ -85,26 +98,32 @@ Ctrl-C drains the gateway and stops every engine.
 
 
 async def start_engines(stack: Stack, engine_key: str) -> None:
-    for _, model in stack.models:
+    for path, model in stack.models:
         folder = await asyncio.to_thread(prepare_model, model)
         stack.weights[model.name] = folder
         weights = str(folder)
+        if model.ray is not None and model.ray.serve is not None:
+            # Ray Serve runs every replica; the gateway sees one endpoint, its ingress.
+            run = ray_serve_child(model, path, weights, stack.state_dir, {stack.gateway_file.port})
+            stack.engines.append(Engine(model=model, url=run.url, child=run.child, ready_file=run.ready_file))
+            continue
+        ray_env: dict[str, str] = {}
+        if model.engine.distributed_executor_backend == "ray":
+            ray_env[RAY_ADDRESS_ENV] = await asyncio.to_thread(check_ray_executor, model)
         for replica in range(model.engine.replicas):
             port = free_port()
             cmd = build_engine_command(model, weights, "127.0.0.1", port)
             child = ChildProcess(
                 name=f"engine {model.name}#{replica}",
                 argv=cmd.argv,
-                env={**cmd.env, "VLLM_API_KEY": engine_key},
+                env={**cmd.env, **ray_env, "VLLM_API_KEY": engine_key},
                 log_path=stack.state_dir / "logs" / f"engine-{model.name.replace('/', '_')}-{replica}.log",
             )
             stack.engines.append(Engine(model=model, url=f"http://127.0.0.1:{port}", child=child))
     for engine in stack.engines:
         await engine.child.start()
     print(f"waiting for {len(stack.engines)} engine(s); logs in {stack.state_dir / 'logs'}", file=sys.stderr)
-    await asyncio.gather(
-        *(e.child.wait_healthy(f"{e.url}/health", e.model.engine.startup_timeout) for e in stack.engines)
-    )
+    await asyncio.gather(*(e.wait_ready() for e in stack.engines))
 
 
 def write_runtime_config(stack: Stack) -> Path:
@@ -145,9 +164,7 @@ async def supervise(stack: Stack, stop: asyncio.Event) -> int:
             log.error("%s exited with code %s; restarting it", engine.child.name, fut.result())
 
             async def revive(e: Engine = engine) -> None:
-                await restart_with_backoff(
-                    e.child, f"{e.url}/health", e.model.engine.startup_timeout, lambda: stop.is_set()
-                )
+                await restart_with_backoff(e.child, e.health_url, e.model.engine.startup_timeout, lambda: stop.is_set())
                 if not stop.is_set():
                     waits[asyncio.ensure_future(e.child.wait())] = e
 
@@ -164,7 +181,13 @@ async def shutdown(stack: Stack) -> None:
     for engine in stack.engines:
         if engine.restarting is not None:
             engine.restarting.cancel()
-    await asyncio.gather(*(e.child.stop(grace=e.model.engine.shutdown_timeout + 10) for e in stack.engines))
+    # A Ray Serve runner also stops Ray Serve and the local cluster it started: give it longer.
+    await asyncio.gather(
+        *(
+            e.child.stop(grace=e.model.engine.shutdown_timeout + (RAY_STOP_SECONDS + 10 if e.ready_file else 10))
+            for e in stack.engines
+        )
+    )
 
 
 async def run_stack(stack: Stack) -> int:
@@ -198,7 +221,7 @@ async def run_stack(stack: Stack) -> int:
         await stack.gateway.wait_healthy(f"{url}/readyz", within=60, interval=0.25)
         print(banner(url, plain, key_path, [m for _, m in stack.models]), flush=True)
         return await supervise(stack, stop)
-    except (ProcessStartError, ModelPrepareError) as exc:
+    except (ProcessStartError, ModelPrepareError, RayClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
