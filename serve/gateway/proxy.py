@@ -178,10 +178,11 @@ async def send_upstream(
             break
         if attempt:
             upstream.metrics.retries.labels(pool.model).inc()
+        else:
+            upstream.metrics.overhead.labels(pool.model).observe(time.perf_counter() - outcome.start)
         tried.add(endpoint.url)
         exchange = Exchange(upstream, pool, endpoint, outcome)
         outcome.endpoint = endpoint.url
-        upstream.metrics.overhead.labels(pool.model).observe(time.perf_counter() - outcome.start)
         req = upstream.client.build_request(
             "POST", endpoint.url + path, content=content, headers=headers, timeout=httpx_timeout
         )
