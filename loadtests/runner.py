@@ -188,6 +188,7 @@ def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, ch
     env["LOADTEST_API_KEY"] = target.key or ""
     budget = config.warmup + config.duration + config.stop_timeout + 120
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load_before = os.getloadavg()[0]
     started = time.monotonic()
     with (raw / f"{stem}.locust.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -211,6 +212,8 @@ def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, ch
         # One Locust process is one core at most: near 1.0 the load generator, not the server, sets the pace.
         "cpu_fraction": cpu / wall if wall > 0 else 0.0,
         "cpu_warning": bool(markers.get("stop", {}).get("loadgen_cpu_warning", False)),
+        # The machine's 1-minute load average before and after: other work on a shared machine shows here.
+        "loadavg": [load_before, os.getloadavg()[0]],
     }
     problems = impossible(summary, [r for r in records if window.holds(r.start)], checks.ceiling)
     if code != 0:
