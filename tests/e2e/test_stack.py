@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -184,3 +186,28 @@ def test_cancelled_streams_release_engine_gateway_and_key_slots(stack: RunningSt
             time.sleep(0.2)
     final = httpx.post(f"{stack.v1}/chat/completions", json={**body, "stream": False, "max_tokens": 2}, headers=headers)
     assert final.status_code == 200, "the key's concurrency slots were not all released"
+
+
+def test_zz_engine_that_dies_is_restarted_and_readiness_follows(stack: RunningStack) -> None:
+    """Runs last in this module: it kills the session engine and waits for `up` to bring it back."""
+    engine_pid = next(
+        p.pid for p in stack.descendants() if "vllm.entrypoints" in " ".join(p.cmdline()) and p.ppid() == stack.proc.pid
+    )
+    os.kill(engine_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{stack.url}/readyz").status_code == 200:
+        assert time.monotonic() < deadline, "the gateway stayed ready with its only engine dead"
+        time.sleep(0.2)
+    refused = httpx.post(
+        f"{stack.v1}/chat/completions",
+        json={"model": stack.model, "messages": QUESTION, "max_tokens": 2},
+        headers={"authorization": f"Bearer {stack.key}"},
+    )
+    assert refused.status_code == 503 and refused.json()["error"]["message"]
+    deadline = time.monotonic() + 600
+    while httpx.get(f"{stack.url}/readyz").status_code != 200:
+        assert stack.proc.poll() is None, "llmserve up exited instead of restarting the engine"
+        assert time.monotonic() < deadline, "the engine was not restarted"
+        time.sleep(1)
+    reply = client(stack).chat.completions.create(model=stack.model, messages=QUESTION, temperature=0, max_tokens=30)
+    assert "Paris" in (reply.choices[0].message.content or "")
