@@ -143,6 +143,24 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
     return from_status(status, message)
 
 
+ERROR_BODY_LIMIT = 16 * 1024
+ERROR_BODY_SECONDS = 5.0
+
+
+async def read_error_body(resp: httpx.Response) -> bytes:
+    """An engine's error body, bounded in size and time; a broken one reads as empty."""
+    body = b""
+    try:
+        async with asyncio.timeout(ERROR_BODY_SECONDS):
+            async for chunk in resp.aiter_raw():
+                body += chunk
+                if len(body) >= ERROR_BODY_LIMIT:
+                    break
+    except (TimeoutError, httpx.HTTPError):
+        log.warning("engine error body could not be read")
+    return body[:ERROR_BODY_LIMIT]
+
+
 async def wait_for_disconnect(receive: Callable[[], Any]) -> None:
     while True:
         message = await receive()
@@ -207,10 +225,11 @@ async def send_upstream(
             await exchange.close()
             raise
         if exchange.response.status_code == 503:
-            body = await exchange.response.aread()
-            await exchange.close()
+            try:
+                error = upstream_error(503, await read_error_body(exchange.response))
+            finally:
+                await exchange.close()
             exchange.failed("upstream_503")
-            error = upstream_error(503, body)
             continue
         return exchange
     upstream.metrics.errors.labels(pool.model, "unavailable").inc()
@@ -232,14 +251,15 @@ async def forward(
     leaving = asyncio.ensure_future(wait_for_disconnect(request.receive))
     try:
         await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
     finally:
         leaving.cancel()
-    if work.done():
-        return work.result()
-    # Cancelling closes the engine connection, which is what makes vLLM abort the generation.
-    work.cancel()
-    with contextlib.suppress(asyncio.CancelledError, GatewayError):
-        await work
+        if not work.done():
+            # Cancelling closes the engine connection, which is what makes vLLM abort the generation.
+            work.cancel()
+            with contextlib.suppress(asyncio.CancelledError, GatewayError):
+                await work
     log.info("client disconnected before the response started; engine request closed")
     upstream.metrics.errors.labels(pool.model, "client_disconnected").inc()
     return Response(status_code=499)
@@ -262,7 +282,7 @@ async def exchange_with_engine(
     handed_over = False
     try:
         if resp.status_code != 200:
-            body = await resp.aread()
+            body = await read_error_body(resp)
             if resp.status_code >= 500:
                 exchange.failed(f"upstream_{resp.status_code}")
             else:
@@ -293,8 +313,6 @@ async def exchange_with_engine(
             exchange.failed("upstream_broken")
             raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from None
         upstream.checker.succeeded(exchange.endpoint)
-        outcome.ttft = time.perf_counter() - outcome.start
-        upstream.metrics.ttft.labels(pool.model).observe(outcome.ttft)
         try:
             exchange.record_usage(json.loads(body).get("usage"))
         except (ValueError, AttributeError):

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def has_content(event: bytes) -> bool:
     """Whether an SSE event carries generated text, judged on bytes (no JSON parse on the hot path)."""
-    for marker in (b'"content":"', b'"text":"'):
+    for marker in (b'"content":"', b'"content": "', b'"text":"', b'"text": "'):
         at = event.find(marker)
         if at != -1 and event[at + len(marker) : at + len(marker) + 1] not in (b'"', b""):
             return True
@@ -45,33 +45,48 @@ def error_event(message: str, type_: str, code: str) -> bytes:
     return b"data: " + envelope_bytes(message, type_, code) + b"\n\n"
 
 
+class _Relay:
+    """Per-stream state: timing of content events and the usage event's handling."""
+
+    def __init__(self, exchange: Exchange, strip_usage: bool) -> None:
+        self.exchange = exchange
+        self.strip_usage = strip_usage
+        self.last_token: float | None = None
+
+    def keep(self, event: bytes) -> bool:
+        """Record what the event says; False for the usage event the client did not ask for."""
+        outcome, metrics, model = self.exchange.outcome, self.exchange.upstream.metrics, self.exchange.pool.model
+        if has_content(event):
+            outcome.content_events += 1
+            now = time.perf_counter()
+            if self.last_token is None:
+                outcome.ttft = now - outcome.start
+                metrics.ttft.labels(model).observe(outcome.ttft)
+            else:
+                metrics.itl.labels(model).observe(now - self.last_token)
+            self.last_token = now
+        elif (usage := usage_of(event)) is not None:
+            # The final usage event counts once, even with continuous usage stats on.
+            self.exchange.record_usage(usage)
+            return not self.strip_usage
+        return True
+
+
 async def relay_sse(
     exchange: Exchange, chunks: AsyncIterator[bytes], first: bytes, strip_usage: bool, timeouts: Timeouts
 ) -> AsyncIterator[bytes]:
     """Pass events through as they arrive; a failure after the first byte becomes an SSE error event."""
-    metrics, model, outcome = exchange.upstream.metrics, exchange.pool.model, exchange.outcome
-    last_token: float | None = None
-    pending = first
+    relay = _Relay(exchange, strip_usage)
+    outcome = exchange.outcome
+    # SSE allows CRLF line ends; normalising lets one splitter serve both (a lone trailing CR waits for its LF).
+    pending = first.replace(b"\r\n", b"\n")
     try:
         while True:
             out: list[bytes] = []
             while (end := pending.find(b"\n\n")) != -1:
                 event, pending = pending[: end + 2], pending[end + 2 :]
-                if has_content(event):
-                    outcome.content_events += 1
-                    now = time.perf_counter()
-                    if last_token is None:
-                        outcome.ttft = now - outcome.start
-                        metrics.ttft.labels(model).observe(outcome.ttft)
-                    else:
-                        metrics.itl.labels(model).observe(now - last_token)
-                    last_token = now
-                elif (usage := usage_of(event)) is not None:
-                    # The final usage event counts once, even with continuous usage stats on.
-                    exchange.record_usage(usage)
-                    if strip_usage:
-                        continue
-                out.append(event)
+                if relay.keep(event):
+                    out.append(event)
             if out:
                 yield b"".join(out)
             total_left = outcome.start + timeouts.total - time.perf_counter()
@@ -85,9 +100,10 @@ async def relay_sse(
                 exchange.failed(reason)
                 yield error_event(f"the engine stream hit the {reason.replace('_', ' ')}", "timeout_error", reason)
                 return
-            pending += chunk
-        if pending:
-            yield pending
+            pending = (pending + chunk).replace(b"\r\n", b"\n")
+        # A last event without its blank line is still an event: count it and strip it like the others.
+        if pending.strip() and relay.keep(pending):
+            yield pending if pending.endswith(b"\n\n") else pending.rstrip(b"\n") + b"\n\n"
     except httpx.HTTPError as exc:
         exchange.failed("upstream_broken_midstream")
         log.warning("engine stream broke: %s", type(exc).__name__)

@@ -30,6 +30,9 @@ class FakeEngine:
     aborted: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     sent_at: list[float] = field(default_factory=list)
+    # SSE framing variants the spec allows: CRLF line ends, and no blank line after the last event.
+    crlf: bool = False
+    end_blank_line: bool = True
 
     def app(self) -> Starlette:
         return Starlette(
@@ -73,7 +76,7 @@ class FakeEngine:
 
     async def stream(self, body: dict[str, Any], usage: dict[str, int]) -> AsyncIterator[bytes]:
         def event(data: dict[str, Any]) -> bytes:
-            return b"data: " + json.dumps(data).encode() + b"\n\n"
+            return b"data: " + json.dumps(data).encode() + (b"\r\n\r\n" if self.crlf else b"\n\n")
 
         base = {"id": "x", "object": "chat.completion.chunk", "model": body["model"]}
         try:
@@ -87,8 +90,10 @@ class FakeEngine:
                 self.sent_at.append(time.monotonic())
                 yield event({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]})
             if (body.get("stream_options") or {}).get("include_usage"):
-                yield event({**base, "choices": [], "usage": usage})
-            yield b"data: [DONE]\n\n"
+                last = event({**base, "choices": [], "usage": usage})
+                yield last if self.end_blank_line else last.rstrip()
+            if self.end_blank_line:
+                yield b"data: [DONE]\n\n"
             self.finished.set()
         except asyncio.CancelledError:
             self.aborted.set()

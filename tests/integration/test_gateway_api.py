@@ -197,14 +197,17 @@ def test_request_id_is_returned_and_forwarded(gateway: Gateway) -> None:
 def test_metrics_count_requests_and_tokens(gateway: Gateway) -> None:
     c = client(gateway)
     c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}])
+    list(c.chat.completions.create(model="fake", messages=[{"role": "user", "content": "x"}], stream=True))
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
     text = httpx.get(f"{gateway.url}/metrics").text
     route = "/v1/chat/completions"
-    assert metric_sum(text, "gateway_requests_total", model="fake-model", route=route, status_class="2xx") == 1
+    assert metric_sum(text, "gateway_requests_total", model="fake-model", route=route, status_class="2xx") == 2
     assert metric_sum(text, "gateway_requests_total", model="none", route=route, status_class="4xx") == 1
-    assert metric_sum(text, "gateway_prompt_tokens_total", model="fake-model") == 7
-    assert metric_sum(text, "gateway_completion_tokens_total", model="fake-model") == 3
+    assert metric_sum(text, "gateway_prompt_tokens_total", model="fake-model") == 14
+    assert metric_sum(text, "gateway_completion_tokens_total", model="fake-model") == 6
+    # Time to first token is a streaming measure: the non-streamed answer does not count.
     assert metric_sum(text, "gateway_time_to_first_token_seconds_count", model="fake-model") == 1
-    assert metric_sum(text, "gateway_overhead_seconds_count", model="fake-model") == 1
+    assert metric_sum(text, "gateway_inter_token_latency_seconds_count", model="fake-model") == 2
+    assert metric_sum(text, "gateway_overhead_seconds_count", model="fake-model") == 2
     assert gateway.key not in text

@@ -7,6 +7,7 @@ import json
 import time
 
 import httpx
+import pytest
 from openai import OpenAI
 
 from tests.integration.conftest import Gateway
@@ -99,3 +100,25 @@ def test_engine_dying_mid_stream_becomes_an_sse_error_event(gateway: Gateway) ->
     assert last["error"]["code"] == "upstream_broken"
     assert set(last["error"]) == {"message", "type", "param", "code"}
     assert any("tok0" in d for d in data)
+
+
+@pytest.mark.parametrize("crlf, end_blank_line", [(True, True), (False, False)], ids=["crlf", "unterminated-last"])
+def test_sse_framing_variants(gateway: Gateway, crlf: bool, end_blank_line: bool) -> None:
+    gateway.engine.chunks, gateway.engine.delay = 4, 0.3
+    gateway.engine.crlf, gateway.engine.end_blank_line = crlf, end_blank_line
+    arrivals: list[float] = []
+    with httpx.stream("POST", f"{gateway.v1}/chat/completions", json=BODY, headers=auth(gateway)) as resp:
+        data = []
+        for line in resp.iter_lines():
+            if '"tok' in line:
+                arrivals.append(time.monotonic())
+            if line.startswith("data: "):
+                data.append(line[6:])
+    assert len(arrivals) == 4
+    for got, emitted in zip(arrivals, gateway.engine.sent_at, strict=True):
+        assert got - emitted < 0.2, "events were held back"
+    assert all('"usage"' not in d for d in data), "the usage event the client did not ask for reached it"
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert metric_sum(metrics, "gateway_completion_tokens_total", model="fake-model") == 4
+    assert metric_sum(metrics, "gateway_time_to_first_token_seconds_count", model="fake-model") == 1
+    assert metric_sum(metrics, "gateway_inter_token_latency_seconds_count", model="fake-model") == 3
