@@ -204,8 +204,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = Target(args.name, args.url.rstrip("/").removesuffix("/v1"), key, args.model or model.name)
     config = load_config(args, model)
     folder = default_folder(args, "bench")
-    meta = {"title": f"{target.name} ({target.url})", "command": redacted_command(sys.argv[1:]), "config": ""}
-    meta["config"] = describe(config, args)
+    meta = {
+        "title": f"{target.name} ({target.url})",
+        "command": redacted_command(sys.argv[1:]),
+        "config": describe(config, args),
+    }
     results = sweep([target], args, config, checks(args, model.engine.device, model.engine.world_size), folder)
     return finish(folder, meta, results)
 

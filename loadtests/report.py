@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,6 +158,18 @@ def markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratio_table: 
         for name, row in ratio_table.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(label), digits=2) for label in labels) + " |")
     notes = [f"- {r.target} at {r.level.value:g}: {p}" for r in results for p in (*r.problems, *r.failures) if p]
+    unfinished = [r for r in results if r.summary["requests"]["cancelled_at_stop"]]
+    notes += [
+        f"- {r.target} at {r.level.value:g}: {r.summary['requests']['cancelled_at_stop']} requests sent inside the "
+        "window were still running at the stop timeout; latencies cover only the ones that finished"
+        for r in unfinished
+    ]
+    busy_machine = [r for r in results if r.loadgen.get("loadavg", [0])[0] > (os.cpu_count() or 1)]
+    notes += [
+        f"- {r.target} at {r.level.value:g}: the machine was busy before this run (load average "
+        f"{r.loadgen['loadavg'][0]:.1f} on {os.cpu_count()} CPUs): other work disturbed these numbers"
+        for r in busy_machine
+    ]
     cut = [r for r in results if r.summary["requests"]["cancelled_with_tokens_in_window"]]
     notes += [
         f"- {r.target} at {r.level.value:g}: {r.summary['requests']['cancelled_with_tokens_in_window']} requests "

@@ -90,6 +90,9 @@ class Checks:
 
 def locust_command(target: Target, level: Level, config: LoadConfig, records: Path, salt: str) -> list[str]:
     users = level.users if level.users is not None else 1
+    # Users join over the first half of the warm-up: all starting in the same second would send every prefill at
+    # once and keep the requests in lockstep long after.
+    spawn_rate = users / (config.warmup / 2) if config.warmup >= 2 else float(users)
     lengths = config.lengths
     cmd = [
         sys.executable,
@@ -104,7 +107,7 @@ def locust_command(target: Target, level: Level, config: LoadConfig, records: Pa
         "-u",
         str(users),
         "-r",
-        str(users),
+        f"{max(spawn_rate, 0.1):g}",
         "-t",
         f"{config.warmup + config.duration:g}s",
         "--stop-timeout",

@@ -113,6 +113,7 @@ def summarize(
     return {
         "window_s": seconds,
         "requests": {
+            "started": len(measured),
             "measured": len(done),
             "ok": len(ok),
             "failed": len(failed),

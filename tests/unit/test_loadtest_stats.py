@@ -137,5 +137,10 @@ def test_thresholds_turn_into_failures() -> None:
     broken = broken_thresholds(s, Thresholds(max_error_rate=0.01, max_p99_ttft=0.1, min_output_tok_s=5.0))
     assert len(broken) == 3
     assert broken_thresholds(summarize([], Window(0, 10), SLO()), Thresholds()) == [
-        "no request was measured (window too short, or nothing was sent)"
+        "no request was sent inside the measured window (window too short?)"
     ]
+    # Requests sent but none finished (a saturated server): no latency to report, but nothing broken either.
+    stuck = RequestRecord(id=9, scenario="chat", stream=True, start=12.0, max_tokens=64, cancelled=True, e2e=30.0)
+    s = summarize([stuck], Window(10.0, 20.0), SLO())
+    assert (s["requests"]["started"], s["requests"]["measured"], s["requests"]["cancelled_at_stop"]) == (1, 0, 1)
+    assert broken_thresholds(s, Thresholds(max_error_rate=0.0)) == []
