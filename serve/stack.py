@@ -36,7 +36,6 @@ class Engine:
     model: ModelFile
     url: str
     child: ChildProcess
-    restarting: asyncio.Task[None] | None = None
     # Ray Serve: the runner writes it once the application runs (its proxy answers long before).
     ready_file: Path | None = None
 
@@ -145,42 +144,41 @@ def write_runtime_config(stack: Stack) -> Path:
     return path
 
 
+async def keep_alive(engine: Engine, stop: asyncio.Event) -> None:
+    """Restart the engine each time it dies (the gateway marks it down meanwhile), until the stack stops."""
+    while not stop.is_set():
+        code = await engine.child.wait()
+        if stop.is_set():
+            return
+        log.error("%s exited with code %s; restarting it", engine.child.name, code)
+        await restart_with_backoff(engine.child, engine.health_url, engine.model.engine.startup_timeout, stop.is_set)
+
+
 async def supervise(stack: Stack, stop: asyncio.Event) -> int:
-    """Restart engines that die (the gateway marks them down meanwhile); return when asked to stop."""
-    waits = {asyncio.ensure_future(e.child.wait()): e for e in stack.engines}
+    """Keep every engine alive; return when asked to stop (0) or when the gateway exits (1)."""
     assert stack.gateway is not None
+    keepers = [asyncio.create_task(keep_alive(e, stop)) for e in stack.engines]
     gateway_wait = asyncio.ensure_future(stack.gateway.wait())
     stop_wait = asyncio.ensure_future(stop.wait())
-    while True:
-        done, _ = await asyncio.wait({*waits, gateway_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if stop_wait in done:
-            break
-        if gateway_wait in done:
+    try:
+        await asyncio.wait({gateway_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():
             log.error("the gateway exited with code %s: stopping the stack", gateway_wait.result())
-            stop_wait.cancel()
-            break
-        for fut in done:
-            engine = waits.pop(fut)
-            log.error("%s exited with code %s; restarting it", engine.child.name, fut.result())
-
-            async def revive(e: Engine = engine) -> None:
-                await restart_with_backoff(e.child, e.health_url, e.model.engine.startup_timeout, lambda: stop.is_set())
-                if not stop.is_set():
-                    waits[asyncio.ensure_future(e.child.wait())] = e
-
-            engine.restarting = asyncio.create_task(revive())
-    for fut in waits:
-        fut.cancel()
-    return 0 if stop.is_set() else 1
+            return 1
+        return 0
+    finally:
+        for task in (*keepers, gateway_wait, stop_wait):
+            task.cancel()
+        for task in keepers:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.error("supervising %s failed: %s", task.get_name(), task.exception())
 
 
 async def shutdown(stack: Stack) -> None:
     """Drain the gateway first (it finishes requests in flight), then stop the engines."""
     if stack.gateway is not None:
-        await stack.gateway.stop(grace=stack.gateway_file.drain_timeout + 5)
-    for engine in stack.engines:
-        if engine.restarting is not None:
-            engine.restarting.cancel()
+        # The drain deadline, uvicorn's last 5 s for closing connections, and a margin for the lifespan's teardown.
+        await stack.gateway.stop(grace=stack.gateway_file.drain_timeout + 15)
     # A Ray Serve runner also stops Ray Serve and the local cluster it started: give it longer.
     await asyncio.gather(
         *(

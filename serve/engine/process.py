@@ -85,7 +85,7 @@ class ChildProcess:
     async def wait_healthy(self, url: str, within: float, interval: float = 1.0) -> None:
         """Poll `url` until it answers 200; fail early if the process exits."""
         deadline = time.monotonic() + within
-        async with httpx.AsyncClient(timeout=5.0) as client:
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
             while True:
                 if not self.running:
                     code = self.proc.returncode if self.proc else None

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 
@@ -32,6 +33,8 @@ KEYS_RELOAD_INTERVAL = 2.0
 
 def http_client() -> httpx.AsyncClient:
     return httpx.AsyncClient(
+        # Engine traffic carries the engine key and prompts: never through an HTTP(S)_PROXY from the environment.
+        trust_env=False,
         # Every request passes its model's own timeouts; this default only bounds what slips through.
         timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0),
         # Every in-flight stream holds a connection; the pool must not be what queues requests.
@@ -92,6 +95,9 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
                 max_body_bytes=settings.file.max_body_bytes,
                 created=int(time.time()),
             )
+            # SIGHUP re-reads the keys file at once, whether or not its timestamp moved.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keystore.reload_if_changed, True)
             tasks = [
                 asyncio.create_task(checker.run()),
                 asyncio.create_task(reload_keys(keystore)),
@@ -100,6 +106,8 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
             try:
                 yield {"gateway": state}
             finally:
+                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -117,5 +125,4 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
     install_error_handlers(app)
     app.include_router(router)
     document_models(app, sorted(name for route in settings.routes for name in route.model.names))
-    app.state.keystore = keystore
     return app

@@ -31,10 +31,10 @@ class KeyStore:
     def keys(self) -> KeysFile:
         return self._keys
 
-    def reload_if_changed(self) -> bool:
+    def reload_if_changed(self, force: bool = False) -> bool:
         """Swap in the file's new contents; a broken file is refused and the last good keys stay in force."""
         stamp = self._file_stamp()
-        if stamp == self._stamp:
+        if stamp == self._stamp and not force:
             return False
         try:
             keys = load_keys(self.path)

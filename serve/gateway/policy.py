@@ -23,11 +23,13 @@ class Prepared:
     prompt_tokens: int = 0
     # Routing key for session or prefix affinity; None routes to the least loaded endpoint.
     affinity: str | None = None
+    # Completions may carry a batch of prompts; each gets max_tokens (times n).
+    prompts: int = 1
 
     @property
     def reserve_tokens(self) -> int:
         """Tokens this request may use at most: what a tokens-per-minute budget reserves at admission."""
-        return self.prompt_tokens + self.max_tokens * int(self.body.get("n") or 1)
+        return self.prompt_tokens + self.max_tokens * int(self.body.get("n") or 1) * self.prompts
 
 
 def _positive_int(body: dict[str, Any], field: str) -> int | None:
@@ -104,10 +106,12 @@ def apply_policy(
         out["stream_options"] = options
     prompt_tokens, affinity = 0, None
     if counter is not None:
-        info = counter.chat(out["messages"]) if kind == "chat" else counter.completion(out["prompt"])
-        if info.exact and info.longest + max_tokens > model.engine.max_model_len:
+        room = model.engine.max_model_len - max_tokens
+        info = counter.chat(out["messages"], room) if kind == "chat" else counter.completion(out["prompt"], room)
+        if info.exact and info.longest > room:
+            has = f"at least {info.longest}" if info.lower_bound else str(info.longest)
             raise BadRequest(
-                f"this model's context is {model.engine.max_model_len} tokens: the prompt has {info.longest} "
+                f"this model's context is {model.engine.max_model_len} tokens: the prompt has {has} "
                 f"and max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
                 param="messages" if kind == "chat" else "prompt",
                 code="context_length_exceeded",
@@ -117,4 +121,6 @@ def apply_policy(
             affinity = info.prefix_key
     if policy.routing.policy == "session_affinity":
         affinity = session
-    return Prepared(out, stream, strip_usage, max_tokens, prompt_tokens, affinity)
+    prompt = out.get("prompt")
+    batch = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
+    return Prepared(out, stream, strip_usage, max_tokens, prompt_tokens, affinity, batch)

@@ -36,6 +36,8 @@ class EndpointPool:
     routing: Routing = field(default_factory=Routing)
     endpoints: list[Endpoint] = field(default_factory=list)
     discovery: DnsDiscovery | None = None
+    # Requests admitted for this model and not finished (what max_inflight caps).
+    admitted: int = 0
 
     @classmethod
     def of(

@@ -47,9 +47,11 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     ttft: float | None = None
-    # Without the engine's usage (a stream cut short): the gateway's prompt count plus the content events sent.
+    # Without the engine's usage (a request cut short), tokens are estimated from what the gateway knows.
     prompt_estimate: int = 0
     content_events: int = 0
+    reserved: int = 0
+    stream: bool = False
     # Run once when the request is over, whatever the path (answer, error, timeout, disconnect).
     finalizers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -60,12 +62,16 @@ class Outcome:
 
     @property
     def total_tokens(self) -> int | None:
-        """Tokens the request used: the engine's usage, else an estimate once anything was generated."""
+        """Tokens the request used: the engine's usage, else an estimate; None if no engine ever saw it."""
         if self.prompt_tokens is not None:
             return self.prompt_tokens + (self.completion_tokens or 0)
         if self.content_events:
             return self.prompt_estimate + self.content_events
-        return None
+        if self.endpoint is None:
+            return None
+        # An engine took it: a stream cut before any token paid for its prompt; a non-streamed answer cut short
+        # may have generated everything, so it keeps its whole reservation.
+        return self.prompt_estimate if self.stream else self.reserved
 
     async def finish(self) -> None:
         todo, self.finalizers = self.finalizers, []
@@ -208,6 +214,7 @@ async def send_upstream(
             async with asyncio.timeout(remaining(outcome, headers_within)):
                 exchange.response = await upstream.client.send(req, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            outcome.endpoint = None  # the engine never saw it
             await exchange.close()
             exchange.failed("connect_error")
             log.warning("engine %s unreachable: %s", endpoint.url, type(exc).__name__)

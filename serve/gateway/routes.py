@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -63,7 +64,12 @@ State = Annotated[GatewayState, Depends(get_state)]
 router = APIRouter()
 
 
-async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
+# Bodies above this are parsed, templated and tokenized in a worker thread, so one huge prompt cannot stall
+# every stream the event loop is relaying.
+INLINE_BODY_BYTES = 64 * 1024
+
+
+async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
@@ -74,13 +80,41 @@ async def read_json_body(request: Request, limit: int) -> dict[str, Any]:
         if size > limit:
             raise PayloadTooLarge(f"request body is larger than {limit} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request body is not valid JSON", code="invalid_json") from None
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise BadRequest("request body is not valid JSON (or nested too deeply)", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     return body
+
+
+def admit_to_pool(state: GatewayState, model: ModelFile, pool: EndpointPool, outcome: Outcome) -> None:
+    """503 before anything is spent when no engine can take the request; else hold a place in the pool."""
+    if not pool.ready:
+        state.metrics.errors.labels(model.name, "unavailable").inc()
+        raise Unavailable(
+            f"no healthy engine for model {model.name!r}", code="no_healthy_endpoint", headers={"retry-after": "1"}
+        )
+    cap = model.policy.routing.max_inflight
+    if cap is not None and pool.admitted >= cap:
+        state.metrics.errors.labels(model.name, "overloaded").inc()
+        raise Unavailable(
+            f"model {model.name!r} is at its limit of {cap} requests in flight",
+            code="overloaded",
+            headers={"retry-after": "1"},
+        )
+    # Taken here, with no await since the check, so a burst cannot all pass it.
+    pool.admitted += 1
+
+    async def leave() -> None:
+        pool.admitted -= 1
+
+    outcome.finalizers.append(leave)
 
 
 async def generate(request: Request, state: GatewayState, kind: Kind, path: str) -> Response:
@@ -88,7 +122,8 @@ async def generate(request: Request, state: GatewayState, kind: Kind, path: str)
         raise Unavailable("the gateway is shutting down", code="draining", headers={"retry-after": "1"})
     outcome = Outcome(start=float(request.state.start))
     request.state.outcome = outcome
-    body = await read_json_body(request, state.max_body_bytes)
+    raw = await read_body(request, state.max_body_bytes)
+    body = parse_json_object(raw)
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
@@ -97,24 +132,26 @@ async def generate(request: Request, state: GatewayState, kind: Kind, path: str)
         raise NotFound(f"The model {requested!r} does not exist.", param="model", code="model_not_found")
     model, pool = found.model, found.pool
     request.state.model = model.name
-    check_access(request.state.key, model, requested)
-    routing = model.policy.routing
-    session = request.headers.get(routing.session_header)
-    prepared = apply_policy(body, model, kind, found.counter, session)
-    if routing.max_inflight is not None and pool.outstanding >= routing.max_inflight:
-        state.metrics.errors.labels(model.name, "overloaded").inc()
-        raise Unavailable(
-            f"model {model.name!r} is at its limit of {routing.max_inflight} requests in flight",
-            code="overloaded",
-            headers={"retry-after": "1"},
-        )
     key = request.state.key
+    check_access(key, model, requested)
+    session = request.headers.get(model.policy.routing.session_header)
+    if len(raw) > INLINE_BODY_BYTES:
+        prepared = await asyncio.to_thread(apply_policy, body, model, kind, found.counter, session)
+    else:
+        prepared = apply_policy(body, model, kind, found.counter, session)
+    admit_to_pool(state, model, pool, outcome)
     try:
         ticket = await state.limiter.acquire(key, prepared.reserve_tokens)
-    except RateLimited as exc:
-        state.metrics.rate_limited.labels(model.name, key.id, exc.code or "rate_limit").inc()
+    except BaseException as exc:
+        if isinstance(exc, RateLimited):
+            state.metrics.rate_limited.labels(model.name, key.id, exc.code or "rate_limit").inc()
+        await outcome.finish()
         raise
-    outcome.prompt_estimate = prepared.prompt_tokens
+    outcome.prompt_estimate, outcome.reserved, outcome.stream = (
+        prepared.prompt_tokens,
+        prepared.reserve_tokens,
+        prepared.stream,
+    )
     outcome.finalizers.append(lambda: state.limiter.settle(ticket, outcome.total_tokens))
     try:
         response = await forward(request, state.upstream, pool, path, prepared, outcome, model.policy.timeouts)

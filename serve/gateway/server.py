@@ -1,8 +1,8 @@
-"""Running the gateway under uvicorn: logging, drain on SIGTERM/SIGINT, keys reload on SIGHUP."""
+"""Running the gateway under uvicorn: logging, and drain on SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
-import signal
+import sys
 from types import FrameType
 
 import uvicorn
@@ -35,7 +35,6 @@ def run_gateway(settings: GatewaySettings) -> None:
     setup_logging(settings.file.log_level, access_log=True)
     drain = Drain(settings.file.drain_timeout)
     app = create_app(settings, drain)
-    signal.signal(signal.SIGHUP, lambda *_: app.state.keystore.reload_if_changed())
     config = uvicorn.Config(
         app,
         host=settings.file.host,
@@ -46,4 +45,8 @@ def run_gateway(settings: GatewaySettings) -> None:
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
     )
-    GatewayServer(config, drain).run()
+    server = GatewayServer(config, drain)
+    server.run()
+    if not server.started:
+        # The lifespan failed (a model file, the keys file, Redis): say so with the exit code, as uvicorn.run does.
+        sys.exit(3)

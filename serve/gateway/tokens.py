@@ -23,6 +23,8 @@ class PromptInfo:
     longest: int
     # Hash of the prompt's first N tokens (or characters, when estimating): the prefix-affinity key.
     prefix_key: str
+    # Counting stopped at a cheap bound that already exceeds the room left: `tokens` is a lower bound.
+    lower_bound: bool = False
 
 
 def _raise(message: str) -> None:
@@ -39,6 +41,9 @@ class TokenCounter:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # No token covers more characters than its vocabulary string has, so len(text) // this is a lower bound
+        # on the count: a huge prompt is refused without spending seconds tokenizing it.
+        self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)
         source = self._template_source(folder)
         if source is not None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -70,7 +75,10 @@ class TokenCounter:
     def exact(self) -> bool:
         return self.tokenizer is not None
 
-    def _info(self, text: str, add_special: bool) -> PromptInfo:
+    def _info(self, text: str, add_special: bool, room: int | None = None) -> PromptInfo:
+        if self.tokenizer is not None and room is not None and len(text) // self.max_token_chars > room:
+            bound = len(text) // self.max_token_chars
+            return PromptInfo(bound, exact=True, longest=bound, prefix_key="", lower_bound=True)
         if self.tokenizer is None:
             head = text[: self.prefix_tokens * CHARS_PER_TOKEN_ESTIMATE]
             tokens = -(-len(text.encode()) // CHARS_PER_TOKEN_ESTIMATE)
@@ -81,22 +89,22 @@ class TokenCounter:
         key = hashlib.blake2b(head_bytes, digest_size=8).hexdigest()
         return PromptInfo(len(ids), exact=True, longest=len(ids), prefix_key=key)
 
-    def chat(self, messages: list[dict[str, Any]]) -> PromptInfo:
+    def chat(self, messages: list[dict[str, Any]], room: int | None = None) -> PromptInfo:
         if self.template is not None:
             try:
                 text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
-                return self._info(text, add_special=False)
+                return self._info(text, add_special=False, room=room)
             except Exception as exc:  # a template that cannot render these messages: fall back to the text
                 log.debug("chat template did not render: %s", exc)
-        return self._info("\n".join(_message_text(m) for m in messages), add_special=True)
+        return self._info("\n".join(_message_text(m) for m in messages), add_special=True, room=room)
 
-    def completion(self, prompt: object) -> PromptInfo:
+    def completion(self, prompt: object, room: int | None = None) -> PromptInfo:
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             ids = [int(t) for t in prompt]
             key = hashlib.blake2b(json.dumps(ids[: self.prefix_tokens]).encode(), digest_size=8).hexdigest()
             return PromptInfo(len(ids), exact=True, longest=len(ids), prefix_key=key)
         if isinstance(prompt, list):
-            infos = [self.completion(p) for p in prompt]
+            infos = [self.completion(p, room) for p in prompt]
             if not infos:
                 return self._info("", add_special=True)
             return PromptInfo(
@@ -105,7 +113,7 @@ class TokenCounter:
                 longest=max(i.longest for i in infos),
                 prefix_key=infos[0].prefix_key,
             )
-        return self._info(str(prompt), add_special=True)
+        return self._info(str(prompt), add_special=True, room=room)
 
 
 def _message_text(message: dict[str, Any]) -> str:

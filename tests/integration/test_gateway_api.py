@@ -107,8 +107,9 @@ def test_unknown_model_is_404(gateway: Gateway) -> None:
             413,
             "request_too_large",
         ),
+        (b'{"model": "fake", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json"),
     ],
-    ids=["bad-json", "not-object", "no-model", "messages-type", "above-cap", "stream-type", "too-large"],
+    ids=["bad-json", "not-object", "no-model", "messages-type", "above-cap", "stream-type", "too-large", "too-deep"],
 )
 def test_bad_requests_never_reach_the_engine(gateway: Gateway, content: bytes, status: int, code: str) -> None:
     resp = httpx.post(

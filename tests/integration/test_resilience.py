@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 from tests.integration.conftest import Gateway, gateway_for, model_file
 from tests.integration.fake_engine import FakeEngine
 from tests.metrics_text import metric_sum
-from tests.servers import run_server
+from tests.servers import free_port, run_server
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 FAST_TIMEOUTS = {"timeouts": {"connect": 1, "first_byte": 1, "idle": 1, "total": 3}}
@@ -192,3 +195,45 @@ def test_oversized_headers_are_refused(tmp_path: Path, engines: list[tuple[FakeE
         resp = post(gw, CHAT, **{"x-padding": "a" * 10000})
         assert resp.status_code == 431 and resp.json()["error"]["code"] == "headers_too_large"
     assert engines[0][0].requests == []
+
+
+def test_a_burst_cannot_overshoot_max_inflight(tmp_path: Path, engines: list[tuple[FakeEngine, str]]) -> None:
+    engines[0][0].delay = 3.0
+    with one_model(tmp_path, engines[:1], {"routing": {"max_inflight": 2}}) as gw, ThreadPoolExecutor(8) as pool:
+        codes = sorted(pool.map(lambda _: post(gw, CHAT).status_code, range(8)))
+    assert codes == [200, 200] + [503] * 6
+    assert len(engines[0][0].requests) == 2
+
+
+def test_a_503_with_a_broken_body_is_an_envelope_and_leaks_nothing(tmp_path: Path) -> None:
+    """An engine that answers 503 and drops the connection mid-body."""
+    port = free_port()
+    listener = socket.create_server(("127.0.0.1", port))
+    stop = threading.Event()
+
+    def serve() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                request = conn.recv(65536)
+                if request.startswith(b"GET /health"):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                else:
+                    conn.sendall(b'HTTP/1.1 503 Service Unavailable\r\ncontent-length: 100\r\n\r\n{"err')
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        path = model_file(tmp_path, "m", f"http://127.0.0.1:{port}", [])
+        with gateway_for(tmp_path, [path], FakeEngine()) as gw:
+            resp = post(gw, CHAT)
+            assert resp.status_code == 503 and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+            assert inflight(gw) == 0
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()

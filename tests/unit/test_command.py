@@ -25,7 +25,7 @@ def test_smollm2_command_line() -> None:
     assert flag(cmd.argv, "--kv-cache-memory-bytes") == str(2 * 1024**3)
     assert flag(cmd.argv, "--max-model-len") == "2048"
     assert "--enable-prefix-caching" in cmd.argv
-    assert cmd.env == {}
+    assert cmd.env == {"VLLM_USE_AOT_COMPILE": "0"}
 
 
 def test_llama_command_line_is_tensor_parallel() -> None:
