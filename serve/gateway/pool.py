@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import socket
@@ -118,7 +119,15 @@ class HealthChecker:
         urls = [f"{d.scheme}://[{h}]:{d.port}" if ":" in h else f"{d.scheme}://{h}:{d.port}" for h in hosts]
         if urls != [ep.url for ep in pool.endpoints]:
             log.info("%s resolves to %s for %s", d.name, ", ".join(urls), pool.model)
+            gone = [ep for ep in pool.endpoints if ep.url not in urls]
             pool.set_urls(urls)
+            # A gone pod's series would otherwise live on (an "up" one would even mask an engine-down alert).
+            for ep in gone:
+                with contextlib.suppress(KeyError):
+                    self.metrics.endpoint_up.remove(pool.model, ep.url)
+                if ep.outstanding == 0:
+                    with contextlib.suppress(KeyError):
+                        self.metrics.inflight.remove(pool.model, ep.url)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.resolve(pool) for pool in self.pools))

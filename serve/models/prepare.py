@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -62,22 +63,30 @@ def is_complete(folder: Path) -> bool:
 
 
 def build_atomically(dest: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a temporary sibling and rename it into place: an interrupted build is never used."""
+    """Build into a temporary sibling and rename it into place: an interrupted build is never used.
+
+    A lock file serialises builders (two `up`s, or tests beside `make run`): the second one finds the folder
+    complete and uses it, and nobody removes a folder that an engine has loaded.
+    """
     if is_complete(dest):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
-        build(tmp)
-        (tmp / COMPLETE_MARKER).write_text("ok\n")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with open(dest.parent / f".{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_complete(dest):
+            return dest
+        for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            build(tmp)
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.rename(tmp, dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 

@@ -22,7 +22,7 @@ def test_interrupted_build_is_never_used(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         build_atomically(dest, broken)
     assert not dest.exists()
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir()] == [".model.lock"], "no partial folder is left behind"
 
     calls: list[Path] = []
     build_atomically(dest, lambda tmp: calls.append(tmp))
