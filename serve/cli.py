@@ -58,6 +58,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
     from serve.models.prepare import prepare_model
 
     model = load_model_file(args.model_file)
+    if model.ray is not None and model.ray.serve is not None:
+        # Ray Serve starts and places the engines itself; one vLLM process here would serve something else.
+        print(f"error: {args.model_file} runs on Ray Serve (ray.serve): start it with `llmserve up`", file=sys.stderr)
+        return 2
     weights = args.weights or str(prepare_model(model))
     cmd = build_engine_command(model, weights, args.host, args.port)
     if args.print:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from serve.config.model_file import ModelFile
 
 RAY_ADDRESS_ENV = "RAY_ADDRESS"
+INSTALL_HINT = "Ray is not installed here: pip install -e '.[cpu,ray]' (or gpu,ray)"
 # ray.init retries an unreachable address for about a minute; that is long enough to tell.
 CONNECT_TIMEOUT = 90.0
 
@@ -30,6 +32,8 @@ def ray_address(model: ModelFile) -> str | None:
 
 def cluster_resources(address: str) -> dict[str, float]:
     """Total resources of the cluster at `address`, asked from a separate process (Ray stays out of `up`)."""
+    if importlib.util.find_spec("ray") is None:
+        raise RayClusterError(INSTALL_HINT)
     code = (
         "import json, ray\n"
         f"ray.init(address={address!r}, log_to_driver=False, logging_level='ERROR')\n"

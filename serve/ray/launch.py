@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import secrets
 import sys
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from serve.config.model_file import ModelFile
 from serve.engine.process import ChildProcess, ProcessStartError, free_port
-from serve.ray.cluster import ray_address
+from serve.ray.cluster import INSTALL_HINT, ray_address
 
 # Ray reads these at start; they make a local cluster bind every server it starts to loopback (the switch Ray
 # uses on laptops) and require a token on its gRPC and HTTP APIs, one per run and never written to disk.
@@ -43,6 +44,8 @@ def ray_serve_child(
     ray = model.ray
     if ray is None or ray.serve is None:
         raise ValueError(f"{model.name} has no ray.serve section")
+    if importlib.util.find_spec("ray") is None:
+        raise ProcessStartError(f"{model.name} runs on Ray Serve, but {INSTALL_HINT}")
     port = ray.serve.port
     if port is None:
         port = free_port()
