@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -19,6 +21,8 @@ from serve.ray.serve_config import serving_args
 
 log = logging.getLogger("serve.ray.runner")
 
+PR_SET_CHILD_SUBREAPER = 36
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m serve.ray.runner")
@@ -33,12 +37,53 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def become_subreaper() -> None:
+    """Orphans below us (Ray workers and their vLLM engines outliving their raylet) become our children."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def children() -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The fields after the command name, which may hold spaces and parentheses: state, then ppid.
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
+                pids.append(int(stat.parent.name))
+    return pids
+
+
+def command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def reap_leftovers(grace: float = 5.0) -> None:
+    """TERM, then KILL, whatever Ray left behind (its workers run in process groups of their own)."""
+    deadline = time.monotonic() + grace
+    sig = signal.SIGTERM
+    while pids := children():
+        log.warning("stopping what Ray left behind: %s", ", ".join(f"{pid} {command(pid)}" for pid in pids))
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        for pid in pids:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.5)
+        if time.monotonic() > deadline:
+            sig = signal.SIGKILL
+
+
 def supervise(argv: list[str], stop_timeout: float) -> int:
     """Run the Ray driver in a session of its own and pass it our SIGTERM.
 
     `up` stops a child by signalling its process group. Ray's GCS and raylet would be in that group and die at
     once, before the driver could stop the replicas (and their vLLM engines) through them.
     """
+    become_subreaper()
     driver = subprocess.Popen(
         [sys.executable, "-m", "serve.ray.runner", "--driver", *argv],
         start_new_session=True,
@@ -55,11 +100,13 @@ def supervise(argv: list[str], stop_timeout: float) -> int:
     while driver.poll() is None and not stopping.wait(1.0):
         pass
     try:
-        return driver.wait(timeout=stop_timeout)
+        code = driver.wait(timeout=stop_timeout)
     except subprocess.TimeoutExpired:
         log.warning("the Ray driver did not stop within %.0fs: killing its processes", stop_timeout)
         os.killpg(driver.pid, signal.SIGKILL)
-        return driver.wait()
+        code = driver.wait()
+    reap_leftovers()
+    return code
 
 
 def run_driver(args: argparse.Namespace) -> int:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -93,3 +96,17 @@ def test_without_ray_installed_the_message_says_how_to_install(tmp_path: Path, m
 def test_llmserve_engine_refuses_a_ray_serve_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["engine", str(RAY_FILE), "--print"]) == 2
     assert "runs on Ray Serve" in capsys.readouterr().err
+
+
+def test_leftover_children_are_stopped_and_reaped() -> None:
+    from serve.ray.runner import children, reap_leftovers
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(15, signal.SIG_IGN); time.sleep(60)"]
+    )
+    time.sleep(0.5)
+    assert stubborn.pid in children()
+    started = time.monotonic()
+    reap_leftovers(grace=1.0)
+    assert stubborn.pid not in children()
+    assert time.monotonic() - started < 10
