@@ -178,6 +178,28 @@ def measurement_window(records: list[RequestRecord], markers: dict[str, dict[str
     return Window(begin + warmup, max(begin + warmup, end))
 
 
+def machine_busy(seconds: float = 2.0) -> float | None:
+    """Fraction of all CPUs busy over a short idle moment before a run (None where /proc/stat is missing).
+
+    Nothing of the benchmark runs then (the servers are idle between runs), so what shows is other work on a shared
+    machine, which would disturb the numbers.
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return (total - (idle1 - idle0)) / total if total > 0 else None
+
+
 def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, checks: Checks) -> LevelResult:
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
@@ -190,8 +212,8 @@ def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, ch
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env["LOADTEST_API_KEY"] = target.key or ""
     budget = config.warmup + config.duration + config.stop_timeout + 120
+    busy = machine_busy()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load_before = os.getloadavg()[0]
     started = time.monotonic()
     with (raw / f"{stem}.locust.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -215,8 +237,7 @@ def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, ch
         # One Locust process is one core at most: near 1.0 the load generator, not the server, sets the pace.
         "cpu_fraction": cpu / wall if wall > 0 else 0.0,
         "cpu_warning": bool(markers.get("stop", {}).get("loadgen_cpu_warning", False)),
-        # The machine's 1-minute load average before and after: other work on a shared machine shows here.
-        "loadavg": [load_before, os.getloadavg()[0]],
+        "machine_busy_before": busy,
     }
     problems = impossible(summary, [r for r in records if window.holds(r.start)], checks.ceiling)
     if code != 0:

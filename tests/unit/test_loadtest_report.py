@@ -52,6 +52,7 @@ def folder(tmp_path: Path) -> Path:
         result("vllm", 1, 0.01),
         result("gateway", 1, 0.0),  # a buffered stream: refused
     ]
+    results[1].loadgen["machine_busy_before"] = 0.9  # other work on the machine just before this run
     meta = {"title": "t", "command": "llmserve bench compare", "config": describe(LoadConfig(warmup=5, duration=20))}
     return report.write(tmp_path / "out", meta, results, [("vllm", "baseline"), ("gateway", "vllm")])
 
@@ -80,6 +81,8 @@ def test_refused_numbers_stay_out_of_the_results(folder: Path) -> None:
     text = (folder / "report.md").read_text()
     assert "| gateway | 1 | refused" in text
     assert "| vllm | 1 | 10.0 |" in text
+    assert "- vllm at 1: other work kept 90% of the CPUs busy" in text
+    assert "baseline at 1: other work" not in text
 
 
 def test_keys_never_reach_the_report() -> None:
