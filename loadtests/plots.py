@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 from loadtests.runner import LevelResult  # noqa: E402
 
@@ -21,6 +22,12 @@ def _by_target(results: Sequence[LevelResult]) -> dict[str, list[LevelResult]]:
     for rows in out.values():
         rows.sort(key=lambda r: r.level.value)
     return out
+
+
+def _plain_log(axis: object) -> None:
+    """Log scale with plain numbers and no labels on the minor ticks (they overlap on short ranges)."""
+    axis.set_major_formatter(FormatStrFormatter("%g"))  # type: ignore[attr-defined]
+    axis.set_minor_formatter(NullFormatter())  # type: ignore[attr-defined]
 
 
 def _xlabel(results: Sequence[LevelResult]) -> str:
@@ -58,6 +65,7 @@ def plot_latency(path: Path, results: Sequence[LevelResult]) -> None:
         ax.set_ylabel("ms")
         ax.set_title(title)
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
@@ -84,6 +92,7 @@ def plot_cdf(path: Path, results: Sequence[LevelResult]) -> None:
         ax.set_ylabel("fraction of requests")
         ax.set_title(f"{title} CDF")
         ax.set_xscale("log")
+        _plain_log(ax.xaxis)
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=6, ncol=2)
