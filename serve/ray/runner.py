@@ -141,7 +141,8 @@ def run_driver(args: argparse.Namespace) -> int:
         args.ready_file.unlink(missing_ok=True)
         started = time.monotonic()
         if local:
-            # Stops the replicas (each shuts its vLLM engine down) while the cluster is still there.
+            # Stops the replicas while the cluster is still there; their vLLM engine processes may outlive them
+            # (the supervisor stops those).
             serve.shutdown()  # type: ignore[no-untyped-call]
         else:
             # Someone else's cluster: remove this application and leave the rest running.
