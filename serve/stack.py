@@ -67,12 +67,29 @@ def ensure_dev_key(keys_path: Path, key_path: Path) -> str:
         if any(record.sha256 == digest(plain) for record in load_keys(keys_path).keys):
             return plain
     plain, record = create_key(keys_path, name="dev")
-    key_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(plain + "\n")
+    write_private(key_path, plain)
     log.info("created API key %s; the plain key is in %s", record.id, key_path)
     return plain
+
+
+def write_private(path: Path, secret: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secret + "\n")
+
+
+def engine_key_for(state_dir: Path) -> str:
+    """The engines' internal key: from the environment, else kept in a 0600 file of the state folder, so that
+    tools on this machine (`llmserve bench compare`) can reach the engines of a running `up` directly."""
+    if key := os.environ.get(ENGINE_KEY_ENV):
+        return key
+    path = state_dir / "engine-key"
+    if path.exists() and (existing := path.read_text().strip()):
+        return existing
+    key = secrets.token_urlsafe(32)
+    write_private(path, key)
+    return key
 
 
 def banner(url: str, key: str, key_path: Path, models: list[ModelFile]) -> str:
@@ -197,7 +214,7 @@ async def run_stack(stack: Stack) -> int:
     keys_path = stack.gateway_file.keys_file
     key_path = stack.state_dir / "dev-key"
     plain = ensure_dev_key(keys_path, key_path)
-    engine_key = os.environ.get(ENGINE_KEY_ENV) or secrets.token_urlsafe(32)
+    engine_key = engine_key_for(stack.state_dir)
     try:
         starting = asyncio.ensure_future(start_engines(stack, engine_key))
         stop_wait = asyncio.ensure_future(stop.wait())
