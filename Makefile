@@ -10,7 +10,7 @@ EXTRA ?= cpu
 SETUP_VERSION := 2
 STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
 
-.PHONY: setup run test lint typecheck check-configs clean
+.PHONY: setup run test bench lint typecheck check-configs clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ run: setup
 
 test: setup lint typecheck
 	$(PY) -m pytest
+
+# Against a running `make run`: the transformers baseline, vLLM direct and the gateway, same seeded requests.
+bench: setup
+	$(VENV)/bin/llmserve bench compare --users 1,8,32,64 --output-len 64 --warmup 10 --duration 40
 
 lint: setup
 	$(VENV)/bin/ruff check serve tests loadtests

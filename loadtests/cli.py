@@ -234,8 +234,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
             (args.engine or found.engine_url).rstrip("/"),
             Path(args.model_file) if args.model_file else found.model_file,
         )
+    kept = Path(args.home) / "engine-key"  # where `llmserve up` keeps the key when none is given
+    if not args.engine_key and kept.is_file():
+        args.engine_key = kept.read_text().strip()
     if not args.engine_key:
-        print("error: the engine key is needed for vLLM direct: --engine-key or LLMSERVE_ENGINE_KEY", file=sys.stderr)
+        print(
+            "error: the engine key is needed for vLLM direct: --engine-key, LLMSERVE_ENGINE_KEY or "
+            f"{kept} (written by llmserve up)",
+            file=sys.stderr,
+        )
         return 2
     model = load_model_file(stack.model_file)
     config = load_config(args, model)
