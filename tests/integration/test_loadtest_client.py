@@ -42,28 +42,32 @@ def run(tmp_path: Path, url: str, key: str | None, model: str, scenario: str = "
     return run_level(target, level, LoadConfig(**settings), tmp_path, Checks())  # type: ignore[arg-type]
 
 
-def assert_measures_the_delays(result: LevelResult) -> None:
+def assert_measures_the_delays(result: LevelResult, overhead: float = 0.0) -> None:
+    """`overhead`: what a proxy in the path may add before the first token (auth, routing, a new connection)."""
     assert result.valid, result.problems
     ok = [r for r in result.records if r.ok]
-    assert len(ok) >= 4
+    assert len(ok) >= 4, result.summary
     for r in ok:
         assert r.completion_tokens == TOKENS and r.prompt_tokens == 7  # the fake engine's usage
         assert r.ttft is not None and r.e2e is not None and r.tpot is not None
         assert len(r.itls) == TOKENS - 1
         # Lower bounds are physical: nothing can arrive before the server sent it. The first text event comes
         # after one delay (the role chunk before it is not a token), each next one a delay later.
-        assert r.ttft >= DELAY - 0.01
-        assert min(r.itls) >= DELAY - 0.01
-        assert r.e2e >= TOKENS * DELAY - 0.01
+        assert r.ttft >= DELAY - 0.01, r
+        assert min(r.itls) >= DELAY - 0.01, r
+        assert r.e2e >= TOKENS * DELAY - 0.01, r
     # Upper bounds allow for scheduling noise, on the median so that one descheduled request does not decide.
-    assert statistics.median(r.ttft or 0 for r in ok) <= DELAY + SLACK
-    assert statistics.median(r.e2e or 0 for r in ok) <= TOKENS * DELAY + 2 * SLACK
-    assert statistics.median(r.tpot or 0 for r in ok) == pytest.approx(DELAY, abs=SLACK / 2)
+    ttft = statistics.median(r.ttft or 0 for r in ok)
+    assert ttft <= DELAY + SLACK + overhead, ttft
+    e2e = statistics.median(r.e2e or 0 for r in ok)
+    assert e2e <= TOKENS * DELAY + 2 * SLACK + overhead, e2e
+    tpot = statistics.median(r.tpot or 0 for r in ok)
+    assert tpot == pytest.approx(DELAY, abs=SLACK / 2), tpot
     s = result.summary
     assert s["requests"]["failed"] == 0
-    assert s["itl_s"]["p50"] == pytest.approx(DELAY, abs=SLACK / 2)
-    # Two users back to back, each producing 5 tokens per second.
-    assert s["output_tok_s"] == pytest.approx(2 * TOKENS / (TOKENS * DELAY), rel=0.25)
+    assert s["itl_s"]["p50"] == pytest.approx(DELAY, abs=SLACK / 2), s["itl_s"]
+    # Two users back to back can get at most 5 tokens per second each; gaps between requests cost a little.
+    assert 0.6 * 2 * TOKENS / (TOKENS * DELAY) <= s["output_tok_s"] <= 1.05 * 2 * TOKENS / (TOKENS * DELAY)
 
 
 def test_streaming_client_measures_known_delays(tmp_path: Path, slow_engine: tuple[FakeEngine, str]) -> None:
@@ -79,7 +83,7 @@ def test_streaming_client_measures_known_delays(tmp_path: Path, slow_engine: tup
 def test_delays_survive_the_gateway(tmp_path: Path, gateway: Gateway) -> None:
     gateway.engine.chunks, gateway.engine.delay = TOKENS, DELAY
     result = run(tmp_path, gateway.url, gateway.key, "fake")
-    assert_measures_the_delays(result)
+    assert_measures_the_delays(result, overhead=0.2)
     assert gateway.engine.headers[0]["authorization"] != f"Bearer {gateway.key}"
 
 
