@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import yaml
 
 from loadtests.runner import ROOT, Target
+from serve.engine.process import free_port
 
 BASELINE_STARTUP_S = 300
 
@@ -52,13 +52,6 @@ def discover(home: Path) -> RunningStack:
         engine_url=models[0]["endpoints"][0],
         model_file=Path(models[0]["file"]),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], within: float, log: Path) -> None:

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,16 +25,10 @@ import httpx
 import yaml
 
 from serve.config.keys import create_key
+from serve.engine.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BODY = {"model": "instant", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:

@@ -29,6 +29,15 @@ def post(gw: Gateway, body: dict[str, object], **headers: str) -> httpx.Response
     )
 
 
+def stream_events(gw: Gateway) -> list[str]:
+    """A streamed chat through the gateway: its status must be 200; returns the data of every SSE event."""
+    headers = {"authorization": f"Bearer {gw.key}"}
+    body = {**CHAT, "stream": True}
+    with httpx.stream("POST", f"{gw.v1}/chat/completions", json=body, headers=headers, timeout=30) as resp:
+        assert resp.status_code == 200
+        return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
 def inflight(gw: Gateway) -> float:
     return metric_sum(httpx.get(f"{gw.url}/metrics").text, "gateway_inflight_requests")
 
@@ -62,15 +71,7 @@ def test_stall_mid_stream_becomes_an_error_event_and_closes_the_engine(
 ) -> None:
     engines[0][0].mode = "stall"
     with one_model(tmp_path, engines[:1], FAST_TIMEOUTS) as gw:
-        with httpx.stream(
-            "POST",
-            f"{gw.v1}/chat/completions",
-            json={**CHAT, "stream": True},
-            headers={"authorization": f"Bearer {gw.key}"},
-            timeout=30,
-        ) as resp:
-            assert resp.status_code == 200
-            data = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        data = stream_events(gw)
         assert "tok0" in "".join(data)
         assert json.loads(data[-1])["error"]["code"] == "idle_timeout"
         assert engines[0][0].aborted.wait(5)
@@ -81,14 +82,7 @@ def test_total_timeout_ends_a_slow_stream(tmp_path: Path, engines: list[tuple[Fa
     fake = engines[0][0]
     fake.chunks, fake.delay = 100, 0.2  # never idle for 1 s, but 20 s in all: beyond the 3 s total
     with one_model(tmp_path, engines[:1], FAST_TIMEOUTS) as gw:
-        with httpx.stream(
-            "POST",
-            f"{gw.v1}/chat/completions",
-            json={**CHAT, "stream": True},
-            headers={"authorization": f"Bearer {gw.key}"},
-            timeout=30,
-        ) as resp:
-            data = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+        data = stream_events(gw)
         assert json.loads(data[-1])["error"]["code"] == "total_timeout"
         assert fake.aborted.wait(5)
 
