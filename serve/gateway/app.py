@@ -1,30 +1,39 @@
-"""The gateway app factory: `create_app(settings)` and the lifespan that owns every resource."""
+"""The gateway app: `create_app(settings)` gives a pure ASGI app whose lifespan owns every resource.
+
+Each request enters through `Gateway.handle`, which makes its context, runs the stages (request id -> metrics ->
+header limit -> auth) and the route, renders any error as the OpenAI envelope, then closes everything the request
+took in one place and records it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
+import json
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
-from fastapi import FastAPI
-from starlette.middleware import Middleware
 
 from serve.config.gateway import GatewaySettings
+from serve.gateway.asgi import Receive, Scope, Send, header, send_error
+from serve.gateway.context import CONTEXT, RequestContext
 from serve.gateway.drain import Drain
-from serve.gateway.errors import install_error_handlers
+from serve.gateway.errors import ClientClosed, GatewayError, InternalError, MethodNotAllowed, NotFound
 from serve.gateway.keystore import KeyStore
 from serve.gateway.limits import create_limiter
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.middleware import AuthMiddleware, HeaderLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from serve.gateway.middleware import authenticate, check_head, record, request_id
 from serve.gateway.pool import EndpointPool, HealthChecker
+from serve.gateway.protocol import openapi_document
 from serve.gateway.proxy import Upstream
-from serve.gateway.routes import GatewayState, ModelState, router
+from serve.gateway.routes import route_table
+from serve.gateway.state import GatewayState, ModelState
 from serve.gateway.tokens import TokenCounter
+from serve.gateway.upstream import HttpxEngineClient
+from serve.logs import request_id_var
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +58,99 @@ async def reload_keys(keystore: KeyStore) -> None:
         keystore.reload_if_changed()
 
 
-def document_models(app: FastAPI, names: list[str]) -> None:
-    """The OpenAPI document names the bearer scheme and the models this gateway serves."""
-    schema = app.openapi()
-    schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-    for path in ("/v1/chat/completions", "/v1/completions"):
-        operation = schema["paths"][path]["post"]
-        # A copy: the route's openapi_extra is shared by every app built in this process.
-        operation["requestBody"] = copy.deepcopy(operation["requestBody"])
-        body = operation["requestBody"]["content"]["application/json"]["schema"]
-        body["properties"]["model"] = {"type": "string", "enum": names}
+class Gateway:
+    """The ASGI app. `state` exists between lifespan startup and shutdown."""
 
+    def __init__(self, settings: GatewaySettings, drain: Drain) -> None:
+        self.settings = settings
+        self.drain = drain
+        self.metrics = GatewayMetrics()
+        self.keystore = KeyStore(settings.keys_path)
+        self.routes = route_table()
+        self.max_header_bytes = settings.file.max_header_bytes
+        self.state: GatewayState | None = None
+        self._resources = contextlib.AsyncExitStack()
 
-def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI:
-    metrics = GatewayMetrics()
-    keystore = KeyStore(settings.keys_path)
-    drain = drain or Drain(settings.file.drain_timeout)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.handle(scope, receive, send)
+        elif kind == "lifespan":
+            await self.lifespan(receive, send)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[dict[str, GatewayState]]:
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start = time.perf_counter()
+        path: str = scope["path"]
+        route = self.routes.get(path)
+        client = scope.get("client")
+        ctx = RequestContext(
+            id=request_id(header(scope, b"x-request-id")),
+            start=start,
+            route=route.label if route is not None else "other",
+            client=client[0] if client else None,
+        )
+        scope[CONTEXT] = ctx
+        token = request_id_var.set(ctx.id)
+        api = path.startswith("/v1/")
+        try:
+            try:
+                check_head(scope, self.max_header_bytes)
+                if path.startswith("/v1"):
+                    ctx.key = authenticate(header(scope, b"authorization"), self.keystore)
+                if route is None:
+                    raise NotFound(f"no route {path}", code="route_not_found")
+                handler = route.methods.get(scope["method"])
+                if handler is None:
+                    raise MethodNotAllowed(f"{scope['method']} is not allowed on {path}")
+                assert self.state is not None
+                await handler(self.state, ctx, scope, receive, send)
+            except asyncio.CancelledError:
+                if not ctx.client_gone:
+                    raise
+                task = asyncio.current_task()
+                assert task is not None
+                task.uncancel()
+                self.client_left(ctx)
+            except ClientClosed:
+                self.client_left(ctx)
+            except GatewayError as exc:
+                if not ctx.status:  # nothing sent yet: the error is the answer
+                    await send_error(ctx, send, exc)
+            except Exception:
+                log.exception("unexpected error")
+                if not ctx.status:
+                    await send_error(ctx, send, InternalError("internal error in the gateway"))
+            finally:
+                await ctx.resources.aclose()
+        finally:
+            if not ctx.status:
+                ctx.status = 500  # cancelled by a shutdown before any answer
+            record(ctx, self.metrics, scope["method"], api)
+            request_id_var.reset(token)
+
+    def client_left(self, ctx: RequestContext) -> None:
+        if not ctx.status:
+            ctx.status = ClientClosed.status
+        log.info("client disconnected; engine request closed")
+        self.metrics.errors.labels(ctx.model, "client_disconnected").inc()
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.exception("gateway startup failed")
+            await self._resources.aclose()
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await self._resources.aclose()
+        self.state = None
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        settings, res = self.settings, self._resources
         models: dict[str, ModelState] = {}
         pools: list[EndpointPool] = []
         for route in settings.routes:
@@ -77,52 +160,48 @@ def create_app(settings: GatewaySettings, drain: Drain | None = None) -> FastAPI
             if not counter.exact:
                 log.warning("no tokenizer for %s: prompt tokens are estimated from length", route.model.name)
             pools.append(pool)
-            entry = ModelState(model=route.model, pool=pool, counter=counter)
-            models.update(dict.fromkeys(route.model.names, entry))
+            models.update(dict.fromkeys(route.model.names, ModelState(model=route.model, pool=pool, counter=counter)))
+        client = await res.enter_async_context(http_client())
         limiter = create_limiter(settings.file.limits)
-        async with http_client() as client, contextlib.AsyncExitStack() as resources:
-            resources.push_async_callback(limiter.aclose)
-            checker = HealthChecker(pools, client, settings.file.health_interval, metrics)
-            await checker.check_all()
-            state = GatewayState(
-                models=models,
-                pools=pools,
-                upstream=Upstream(client=client, engine_key=settings.engine_key, checker=checker, metrics=metrics),
-                keystore=keystore,
-                metrics=metrics,
-                drain=drain,
-                limiter=limiter,
-                max_body_bytes=settings.file.max_body_bytes,
-                created=int(time.time()),
-            )
-            # SIGHUP re-reads the keys file at once, whether or not its timestamp moved.
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keystore.reload_if_changed, True)
-            tasks = [
-                asyncio.create_task(checker.run()),
-                asyncio.create_task(reload_keys(keystore)),
-                asyncio.create_task(drain.watch()),
-            ]
-            try:
-                yield {"gateway": state}
-            finally:
-                with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                    asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+        res.push_async_callback(limiter.aclose)
+        checker = HealthChecker(pools, client, settings.file.health_interval, self.metrics)
+        await checker.check_all()
+        names = sorted(name for route in settings.routes for name in route.model.names)
+        state = GatewayState(
+            models=models,
+            pools=pools,
+            upstream=Upstream(client=HttpxEngineClient(client), engine_key=settings.engine_key, metrics=self.metrics),
+            keystore=self.keystore,
+            metrics=self.metrics,
+            drain=self.drain,
+            limiter=limiter,
+            max_body_bytes=settings.file.max_body_bytes,
+            created=int(time.time()),
+            openapi=json.dumps(openapi_document(names)).encode(),
+        )
+        self.metrics.watch_pools(lambda: state.pools)
+        self.drain.inflight = lambda: state.inflight
+        loop = asyncio.get_running_loop()
+        # SIGHUP re-reads the keys file at once, whether or not it looks changed.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self.keystore.reload_if_changed, True)
+            res.callback(_remove_sighup, loop)
+        for job in (checker.run(), reload_keys(self.keystore), self.drain.watch()):
+            task = asyncio.create_task(job)
+            res.push_async_callback(_cancel, task)
+        self.state = state
 
-    app = FastAPI(
-        title="llmserve gateway",
-        lifespan=lifespan,
-        middleware=[
-            Middleware(HeaderLimitMiddleware, max_bytes=settings.file.max_header_bytes),
-            Middleware(RequestIdMiddleware),
-            Middleware(MetricsMiddleware, metrics=metrics, drain=drain),
-            Middleware(AuthMiddleware, keystore=keystore),
-        ],
-    )
-    install_error_handlers(app)
-    app.include_router(router)
-    document_models(app, sorted(name for route in settings.routes for name in route.model.names))
-    return app
+
+def _remove_sighup(loop: asyncio.AbstractEventLoop) -> None:
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+def create_app(settings: GatewaySettings, drain: Drain | None = None) -> Gateway:
+    return Gateway(settings, drain or Drain(settings.file.drain_timeout))

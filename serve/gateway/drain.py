@@ -10,11 +10,16 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
+def _nothing() -> int:
+    return 0
+
+
 class Drain:
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.active = False
-        self.inflight = 0
+        # Requests in flight, read from the endpoint leases (the app sets it at startup; nobody counts twice).
+        self.inflight: Callable[[], int] = _nothing
         # Set by the server: called once the drain is over (nothing in flight, or the deadline passed).
         self.on_done: Callable[[], None] | None = None
 
@@ -26,12 +31,12 @@ class Drain:
         # Polled rather than an asyncio.Event: `begin` runs inside a signal handler, where touching the loop is unsafe.
         while not self.active:  # noqa: ASYNC110
             await asyncio.sleep(poll)
-        log.info("draining: %d requests in flight, up to %.0fs to finish", self.inflight, self.timeout)
+        log.info("draining: %d requests in flight, up to %.0fs to finish", self.inflight(), self.timeout)
         deadline = time.monotonic() + self.timeout
-        while self.inflight > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
+        while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(poll)
-        if self.inflight:
-            log.warning("drain deadline passed with %d requests in flight: closing them", self.inflight)
+        if left := self.inflight():
+            log.warning("drain deadline passed with %d requests in flight: closing them", left)
         else:
             log.info("drained: nothing in flight")
         if self.on_done is not None:

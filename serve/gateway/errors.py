@@ -1,19 +1,16 @@
-"""One error hierarchy and one renderer: every non-2xx body is the OpenAI error envelope."""
+"""One error hierarchy: a class for every status the gateway sends, each rendered as the OpenAI error envelope."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.responses import JSONResponse, Response
+from typing import Any, ClassVar
 
 
 class GatewayError(Exception):
-    status = 500
-    type = "internal_error"
+    """An error answer. Header names are kept lower-case, so a default never misses one spelled otherwise."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "internal_error"
     code: str | None = None
 
     def __init__(
@@ -29,10 +26,21 @@ class GatewayError(Exception):
         self.param = param
         if code is not None:
             self.code = code
-        self.headers = headers or {}
+        self.headers = {name.lower(): value for name, value in (headers or {}).items()}
+
+    @property
+    def http_status(self) -> int:
+        return self.status
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def body_bytes(self) -> bytes:
+        return json.dumps(self.body(), separators=(",", ":")).encode()
+
+
+class InternalError(GatewayError):
+    code = "internal_error"
 
 
 class BadRequest(GatewayError):
@@ -57,6 +65,18 @@ class NotFound(GatewayError):
     type = "not_found_error"
 
 
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
@@ -67,6 +87,20 @@ class RateLimited(GatewayError):
     status = 429
     type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
+
+
+class ClientClosed(GatewayError):
+    """The client left before the answer: nothing is sent, but the request is counted and logged as 499."""
+
+    status = 499
+    type = "client_closed_request"
+    code = "client_disconnected"
 
 
 class UpstreamError(GatewayError):
@@ -87,60 +121,48 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
-def error_response(exc: GatewayError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+class EngineRefused(GatewayError):
+    """A 4xx from the engine with no class of its own (422, 409, ...): passed on with the engine's status."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self._status = status
+
+    @property
+    def http_status(self) -> int:
+        return self._status
 
 
-def envelope_bytes(message: str, type_: str, code: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-
-
-_STATUS_TYPES = {
-    400: BadRequest,
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    413: PayloadTooLarge,
-    429: RateLimited,
-    502: UpstreamError,
-    503: Unavailable,
-    504: UpstreamTimeout,
+_BY_STATUS: dict[int, type[GatewayError]] = {
+    cls.status: cls
+    for cls in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        MethodNotAllowed,
+        RequestTimeout,
+        PayloadTooLarge,
+        RateLimited,
+        HeadersTooLarge,
+        UpstreamError,
+        Unavailable,
+        UpstreamTimeout,
+    )
 }
 
 
 def from_status(status: int, message: str) -> GatewayError:
-    """An error of the right type for a status the gateway did not raise itself (routing, upstream)."""
-    cls = _STATUS_TYPES.get(status)
+    """The error for a status the engine answered with (its 5xx other than 503 become 502)."""
+    cls = _BY_STATUS.get(status)
     if cls is not None:
         return cls(message)
-    err = GatewayError(message)
-    err.status = status
-    err.type = "invalid_request_error" if 400 <= status < 500 else "internal_error"
-    return err
+    if 400 <= status < 500:
+        return EngineRefused(status, message)
+    return UpstreamError(message)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    async def gateway_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, GatewayError)
-        return error_response(exc)
-
-    async def http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        err = from_status(exc.status_code, str(exc.detail))
-        if exc.status_code == 404:
-            err.code = "route_not_found"
-        return error_response(err)
-
-    async def validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return error_response(BadRequest(str(first.get("msg")), param=param))
-
-    async def unexpected(_: Request, exc: Exception) -> Response:
-        return error_response(GatewayError("internal error in the gateway"))
-
-    app.add_exception_handler(GatewayError, gateway_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, unexpected)
+def envelope_bytes(message: str, type_: str, code: str | None = None) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()

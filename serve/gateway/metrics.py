@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 60)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
-
-# Route label values: the templates the gateway serves. Anything else is "other", never the raw path.
-ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/readyz", "/metrics"})
-
-
-def route_label(path: str) -> str:
-    return path if path in ROUTES else "other"
-
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
@@ -90,15 +87,37 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
-        self.inflight = Gauge(
+        self.health_check_errors = Counter(
+            "gateway_health_check_errors_total",
+            "Health checks that failed for a reason other than the engine's answer (the loop goes on).",
+            registry=r,
+        )
+
+    def watch_pools(self, pools: Callable[[], Iterable[Any]]) -> None:
+        """Endpoint gauges read from the pools at scrape time: derived from the leases, never counted twice."""
+        self.registry.register(_PoolCollector(pools))
+
+
+class _PoolCollector(Collector):
+    def __init__(self, pools: Callable[[], Iterable[Any]]) -> None:
+        self.pools = pools
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        inflight = GaugeMetricFamily(
             "gateway_inflight_requests",
-            "Requests being proxied, by model and endpoint.",
-            ["model", "endpoint"],
-            registry=r,
+            "Requests holding an endpoint, by model and endpoint.",
+            labels=["model", "endpoint"],
         )
-        self.endpoint_up = Gauge(
-            "gateway_endpoint_up",
-            "1 when the engine endpoint passes its health check.",
-            ["model", "endpoint"],
-            registry=r,
+        up = GaugeMetricFamily(
+            "gateway_endpoint_up", "1 when the engine endpoint passes its health check.", labels=["model", "endpoint"]
         )
+        for pool in self.pools():
+            for ep in pool.endpoints:
+                inflight.add_metric([pool.model, ep.url], ep.outstanding)
+                up.add_metric([pool.model, ep.url], 1 if ep.healthy else 0)
+        yield inflight
+        yield up
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Described without reading the pools, so registering it does not collect.
+        return iter(())

@@ -1,4 +1,4 @@
-"""Engine endpoints per model: health, ejection, outstanding requests, and the routing choice."""
+"""Engine endpoints per model: leases (the one count of requests in flight), health, ejection, the routing choice."""
 
 from __future__ import annotations
 
@@ -7,20 +7,23 @@ import contextlib
 import hashlib
 import logging
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
 
 from serve.config.model_file import DnsDiscovery, Routing
+from serve.gateway.errors import Unavailable
 from serve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(eq=False)
 class Endpoint:
     url: str
     healthy: bool = False
+    # Leases held on this endpoint: the only count of requests in flight.
     outstanding: int = 0
     # Consecutive failures seen by the proxy; reset by a success or a passed health check.
     failures: int = 0
@@ -31,14 +34,43 @@ def rendezvous(key: str, endpoints: list[Endpoint]) -> Endpoint:
     return max(endpoints, key=lambda ep: hashlib.blake2b(f"{key}|{ep.url}".encode(), digest_size=8).digest())
 
 
-@dataclass
+class Lease:
+    """One request's hold on one endpoint of a pool; `move` re-routes it (a retry), the pool's `lease` ends it."""
+
+    __slots__ = ("pool", "endpoint", "affinity", "tried")
+
+    def __init__(self, pool: EndpointPool, endpoint: Endpoint, affinity: str | None) -> None:
+        self.pool = pool
+        self.endpoint = endpoint
+        self.affinity = affinity
+        self.tried = [endpoint.url]
+        endpoint.outstanding += 1
+
+    def move(self) -> bool:
+        """Hold another healthy endpoint instead, one not tried yet; False (holding the old one) if there is none."""
+        other = self.pool.choose(self.affinity, exclude=frozenset(self.tried))
+        if other is None:
+            return False
+        self.endpoint.outstanding -= 1
+        self.endpoint = other
+        self.tried.append(other.url)
+        other.outstanding += 1
+        return True
+
+    def succeeded(self) -> None:
+        self.endpoint.failures = 0
+
+    def failed(self) -> bool:
+        """Count a failure of this endpoint; True when it was ejected by it."""
+        return self.pool.record_failure(self.endpoint)
+
+
+@dataclass(eq=False)
 class EndpointPool:
     model: str
     routing: Routing = field(default_factory=Routing)
     endpoints: list[Endpoint] = field(default_factory=list)
     discovery: DnsDiscovery | None = None
-    # Requests admitted for this model and not finished (what max_inflight caps).
-    admitted: int = 0
 
     @classmethod
     def of(
@@ -51,7 +83,7 @@ class EndpointPool:
         return any(ep.healthy for ep in self.endpoints)
 
     @property
-    def outstanding(self) -> int:
+    def inflight(self) -> int:
         return sum(ep.outstanding for ep in self.endpoints)
 
     def choose(self, affinity: str | None = None, exclude: frozenset[str] = frozenset()) -> Endpoint | None:
@@ -63,14 +95,47 @@ class EndpointPool:
             return rendezvous(affinity, healthy)
         return min(healthy, key=lambda ep: ep.outstanding)
 
+    @contextlib.contextmanager
+    def lease(self, affinity: str | None = None) -> Iterator[Lease]:
+        """Hold a place on an endpoint for one request; 503 before anything is spent when none can take it.
+
+        The check and the taking have no await between them, so a burst cannot overshoot `max_inflight`.
+        """
+        cap = self.routing.max_inflight
+        if cap is not None and self.inflight >= cap:
+            raise Unavailable(
+                f"model {self.model!r} is at its limit of {cap} requests in flight",
+                code="overloaded",
+                headers={"retry-after": "1"},
+            )
+        endpoint = self.choose(affinity)
+        if endpoint is None:
+            raise Unavailable(f"no healthy engine for model {self.model!r}", headers={"retry-after": "1"})
+        held = Lease(self, endpoint, affinity)
+        try:
+            yield held
+        finally:
+            held.endpoint.outstanding -= 1
+
+    def record_failure(self, endpoint: Endpoint) -> bool:
+        endpoint.failures += 1
+        if endpoint.healthy and endpoint.failures >= self.routing.eject_after:
+            log.warning("ejecting %s of %s after %d failures", endpoint.url, self.model, endpoint.failures)
+            endpoint.healthy = False
+            return True
+        return False
+
     def set_urls(self, urls: list[str]) -> None:
-        """Replace the endpoint list (DNS discovery), keeping the state of endpoints that remain."""
+        """Replace the endpoint list (DNS discovery), keeping the state of endpoints that remain.
+
+        A lease on an endpoint that went keeps it alive until the request ends; it is just no longer chosen.
+        """
         known = {ep.url: ep for ep in self.endpoints}
         self.endpoints = [known.get(url) or Endpoint(url=url) for url in urls]
 
 
 class HealthChecker:
-    """Active checks of each engine's health path, passive ejection after consecutive failures, DNS refresh."""
+    """Active checks of each engine's health path, and DNS refresh; the loop outlives any one failure."""
 
     def __init__(
         self, pools: list[EndpointPool], client: httpx.AsyncClient, interval: float, metrics: GatewayMetrics
@@ -86,23 +151,16 @@ class HealthChecker:
         endpoint.healthy = healthy
         if healthy:
             endpoint.failures = 0
-        self.metrics.endpoint_up.labels(pool.model, endpoint.url).set(1 if healthy else 0)
-
-    def failed(self, pool: EndpointPool, endpoint: Endpoint, reason: str) -> None:
-        endpoint.failures += 1
-        if endpoint.healthy and endpoint.failures >= pool.routing.eject_after:
-            log.warning("ejecting %s of %s after %d failures (%s)", endpoint.url, pool.model, endpoint.failures, reason)
-            self.metrics.ejections.labels(pool.model).inc()
-            self.mark(pool, endpoint, healthy=False)
-
-    def succeeded(self, endpoint: Endpoint) -> None:
-        endpoint.failures = 0
 
     async def probe(self, pool: EndpointPool, endpoint: Endpoint) -> None:
         try:
             resp = await self.client.get(f"{endpoint.url}{pool.routing.health_path}", timeout=min(self.interval, 5.0))
             healthy = resp.status_code == 200
         except httpx.HTTPError:
+            healthy = False
+        except Exception as exc:  # an invalid URL from a DNS answer, say: the endpoint is down, checking goes on
+            log.warning("health check of %s failed: %s", endpoint.url, type(exc).__name__)
+            self.metrics.health_check_errors.inc()
             healthy = False
         self.mark(pool, endpoint, healthy)
 
@@ -119,15 +177,7 @@ class HealthChecker:
         urls = [f"{d.scheme}://[{h}]:{d.port}" if ":" in h else f"{d.scheme}://{h}:{d.port}" for h in hosts]
         if urls != [ep.url for ep in pool.endpoints]:
             log.info("%s resolves to %s for %s", d.name, ", ".join(urls), pool.model)
-            gone = [ep for ep in pool.endpoints if ep.url not in urls]
             pool.set_urls(urls)
-            # A gone pod's series would otherwise live on (an "up" one would even mask an engine-down alert).
-            for ep in gone:
-                with contextlib.suppress(KeyError):
-                    self.metrics.endpoint_up.remove(pool.model, ep.url)
-                if ep.outstanding == 0:
-                    with contextlib.suppress(KeyError):
-                        self.metrics.inflight.remove(pool.model, ep.url)
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.resolve(pool) for pool in self.pools))
@@ -135,5 +185,10 @@ class HealthChecker:
 
     async def run(self) -> None:
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:
+                # One bad round (an odd DNS answer, a bug) must not end health checking for good.
+                log.exception("health check round failed")
+                self.metrics.health_check_errors.inc()
             await asyncio.sleep(self.interval)

@@ -1,4 +1,4 @@
-"""OpenAPI descriptions of the request bodies the gateway accepts (it parses bodies itself, under a size limit)."""
+"""The gateway's OpenAPI document: the request bodies it accepts (it parses bodies itself, under a size limit)."""
 
 from __future__ import annotations
 
@@ -53,9 +53,53 @@ COMPLETION_REQUEST: dict[str, Any] = {
 }
 
 
-def body(schema: dict[str, Any]) -> dict[str, Any]:
-    """`openapi_extra` for a route whose JSON body the handler reads itself."""
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string"},
+                "type": {"type": "string"},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
 
 
-BEARER: dict[str, Any] = {"security": [{"bearer": []}]}
+def _operation(summary: str, request: dict[str, Any] | None = None, secured: bool = True) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "responses": {
+            "200": {"description": "OK"},
+            "default": {"description": "An error", "content": {"application/json": {"schema": _ERROR}}},
+        },
+    }
+    if request is not None:
+        op["requestBody"] = {"required": True, "content": {"application/json": {"schema": request}}}
+    if secured:
+        op["security"] = [{"bearer": []}]
+    return op
+
+
+def openapi_document(model_names: list[str]) -> dict[str, Any]:
+    """The document for these served names (the `model` field is an enum of them)."""
+    model = {"type": "string", "enum": model_names}
+    chat = {**CHAT_REQUEST, "properties": {**CHAT_REQUEST["properties"], "model": model}}
+    completion = {**COMPLETION_REQUEST, "properties": {**COMPLETION_REQUEST["properties"], "model": model}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llmserve gateway", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": {
+            "/v1/chat/completions": {"post": _operation("Chat completion, streamed or not", chat)},
+            "/v1/completions": {"post": _operation("Text completion, streamed or not", completion)},
+            "/v1/models": {"get": _operation("Models this key may use")},
+            "/healthz": {"get": _operation("The gateway process is alive", secured=False)},
+            "/readyz": {"get": _operation("Every model has a healthy engine", secured=False)},
+        },
+    }

@@ -1,131 +1,48 @@
-"""Forwarding a prepared request to an engine: endpoint choice, retries, timeouts, status before the first byte."""
+"""Forwarding a prepared request to an engine: retries before the first byte, the status decided before it, answers."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any
-
-import httpx
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from dataclasses import dataclass
 
 from serve.config.model_file import Timeouts
-from serve.gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, from_status
+from serve.gateway.asgi import Send, send_bytes
+from serve.gateway.context import RequestContext
+from serve.gateway.errors import GatewayError, Unavailable, UpstreamError, UpstreamTimeout, from_status
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.policy import Prepared
-from serve.gateway.pool import Endpoint, EndpointPool, HealthChecker
-from serve.gateway.sse import relay_sse
+from serve.gateway.pool import Lease
+from serve.gateway.relay import StreamRelay
+from serve.gateway.upstream import ConnectFailed, EngineBroken, EngineClient, EngineResponse
+from serve.protocol.stream import MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
-SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+ERROR_BODY_LIMIT = 16 * 1024
+ERROR_BODY_SECONDS = 5.0
 
 
-@dataclass
+@dataclass(slots=True)
 class Upstream:
-    """What the proxy needs from the app: the shared client, the engine key, health and metrics."""
+    """What the proxy needs from the app: the engine client, the engine key, metrics."""
 
-    client: httpx.AsyncClient
+    client: EngineClient
     engine_key: str | None
-    checker: HealthChecker
     metrics: GatewayMetrics
+    max_event_bytes: int = MAX_EVENT_BYTES
 
 
-@dataclass
-class Outcome:
-    """What happened to one request, for limits, metrics and the access log."""
+@dataclass(slots=True)
+class Forward:
+    """One request on its way to an engine: the body to send and how to answer the client."""
 
-    start: float
-    endpoint: str | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    ttft: float | None = None
-    # Without the engine's usage (a request cut short), tokens are estimated from what the gateway knows.
-    prompt_estimate: int = 0
-    content_events: int = 0
-    reserved: int = 0
-    stream: bool = False
-    # Run once when the request is over, whatever the path (answer, error, timeout, disconnect).
-    finalizers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-
-    def record_usage(self, usage: object) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
-            self.completion_tokens = int(usage.get("completion_tokens") or 0)
-
-    @property
-    def total_tokens(self) -> int | None:
-        """Tokens the request used: the engine's usage, else an estimate; None if no engine ever saw it."""
-        if self.prompt_tokens is not None:
-            return self.prompt_tokens + (self.completion_tokens or 0)
-        if self.content_events:
-            return self.prompt_estimate + self.content_events
-        if self.endpoint is None:
-            return None
-        # An engine took it: a stream cut before any token paid for its prompt; a non-streamed answer cut short
-        # may have generated everything, so it keeps its whole reservation.
-        return self.prompt_estimate if self.stream else self.reserved
-
-    async def finish(self) -> None:
-        todo, self.finalizers = self.finalizers, []
-        for fn in todo:
-            await fn()
-
-
-class Exchange:
-    """One request to one endpoint: releases the endpoint's slot and the engine connection exactly once."""
-
-    def __init__(self, upstream: Upstream, pool: EndpointPool, endpoint: Endpoint, outcome: Outcome) -> None:
-        self.upstream = upstream
-        self.pool = pool
-        self.endpoint = endpoint
-        self.outcome = outcome
-        self.response: httpx.Response | None = None
-        self._open = True
-        endpoint.outstanding += 1
-        upstream.metrics.inflight.labels(pool.model, endpoint.url).inc()
-
-    def failed(self, reason: str) -> None:
-        self.upstream.metrics.errors.labels(self.pool.model, reason).inc()
-        self.upstream.checker.failed(self.pool, self.endpoint, reason)
-
-    def record_usage(self, usage: object) -> None:
-        self.outcome.record_usage(usage)
-        m, model = self.upstream.metrics, self.pool.model
-        m.prompt_tokens.labels(model).inc(self.outcome.prompt_tokens or 0)
-        m.completion_tokens.labels(model).inc(self.outcome.completion_tokens or 0)
-
-    async def close(self) -> None:
-        if not self._open:
-            return
-        self._open = False
-        self.endpoint.outstanding -= 1
-        self.upstream.metrics.inflight.labels(self.pool.model, self.endpoint.url).dec()
-        if self.response is not None:
-            # Closing the connection mid-generation is what makes vLLM abort the request.
-            await self.response.aclose()
-
-
-class ProxyStream(StreamingResponse):
-    """A streaming response that releases the exchange and finishes the request even if it never started."""
-
-    def __init__(self, content: AsyncIterator[bytes], exchange: Exchange) -> None:
-        super().__init__(content, status_code=200, media_type="text/event-stream", headers=SSE_HEADERS)
-        self.exchange = exchange
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.exchange.close()
-            await self.exchange.outcome.finish()
+    path: str
+    body: bytes
+    stream: bool
+    strip_usage: bool
+    timeouts: Timeouts
 
 
 def upstream_error(status: int, body: bytes) -> GatewayError:
@@ -138,193 +55,147 @@ def upstream_error(status: int, body: bytes) -> GatewayError:
             message = str(err["message"])
         elif isinstance(data, dict) and isinstance(data.get("message"), str):
             message = data["message"]
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         pass
     if status in (401, 403):
         return UpstreamError("the engine refused the gateway's internal key (check LLMSERVE_ENGINE_KEY)")
     if status == 503:
-        return from_status(503, f"engine unavailable: {message}")
+        return Unavailable(f"engine unavailable: {message}")
     if status >= 500:
         return UpstreamError(f"engine error: {message}")
     return from_status(status, message)
 
 
-ERROR_BODY_LIMIT = 16 * 1024
-ERROR_BODY_SECONDS = 5.0
-
-
-async def read_error_body(resp: httpx.Response) -> bytes:
+async def read_error_body(resp: EngineResponse) -> bytes:
     """An engine's error body, bounded in size and time; a broken one reads as empty."""
-    body = b""
     try:
         async with asyncio.timeout(ERROR_BODY_SECONDS):
-            async for chunk in resp.aiter_raw():
-                body += chunk
-                if len(body) >= ERROR_BODY_LIMIT:
-                    break
-    except (TimeoutError, httpx.HTTPError):
+            return await resp.read(ERROR_BODY_LIMIT)
+    except (TimeoutError, EngineBroken):
         log.warning("engine error body could not be read")
-    return body[:ERROR_BODY_LIMIT]
+        return b""
 
 
-async def wait_for_disconnect(receive: Callable[[], Any]) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+class Proxy:
+    """Sends one request to the engine its lease holds, and answers the client from what comes back."""
 
+    def __init__(self, upstream: Upstream, ctx: RequestContext, lease: Lease, forward: Forward) -> None:
+        self.upstream = upstream
+        self.ctx = ctx
+        self.lease = lease
+        self.forward = forward
 
-def remaining(outcome: Outcome, limit: float) -> float:
-    return max(0.0, outcome.start + limit - time.perf_counter())
+    def failed(self, reason: str) -> None:
+        """Count a failure by reason; those that belong to the engine count towards ejecting it."""
+        metrics, model = self.upstream.metrics, self.ctx.model
+        metrics.errors.labels(model, reason).inc()
+        self.ctx.failure = reason
+        if reason != "client_write_timeout" and self.lease.failed():
+            metrics.ejections.labels(model).inc()
 
+    def remaining(self, limit: float) -> float:
+        return max(0.0, self.ctx.start + limit - time.perf_counter())
 
-async def send_upstream(
-    upstream: Upstream,
-    pool: EndpointPool,
-    timeouts: Timeouts,
-    request: tuple[str, bytes, str, bool],
-    outcome: Outcome,
-    affinity: str | None,
-) -> Exchange:
-    """Send to an endpoint; one retry elsewhere on a connect error or a 503, never after the first byte."""
-    path, content, request_id, stream = request
-    headers = {"content-type": "application/json", "x-request-id": request_id}
-    if upstream.engine_key:
-        headers["authorization"] = f"Bearer {upstream.engine_key}"
-    # Streams: vLLM answers with headers at once, the first event follows prefill. Non-streams: headers at the end.
-    headers_within = timeouts.first_byte if stream else timeouts.total
-    httpx_timeout = httpx.Timeout(connect=timeouts.connect, read=None, write=timeouts.connect, pool=timeouts.connect)
-    tried: set[str] = set()
-    error: GatewayError = from_status(503, f"no healthy engine for model {pool.model!r}")
-    for attempt in range(2):
-        endpoint = pool.choose(affinity, exclude=frozenset(tried))
-        if endpoint is None:
-            break
-        if attempt:
-            upstream.metrics.retries.labels(pool.model).inc()
-        else:
-            upstream.metrics.overhead.labels(pool.model).observe(time.perf_counter() - outcome.start)
-        tried.add(endpoint.url)
-        exchange = Exchange(upstream, pool, endpoint, outcome)
-        outcome.endpoint = endpoint.url
-        req = upstream.client.build_request(
-            "POST", endpoint.url + path, content=content, headers=headers, timeout=httpx_timeout
-        )
-        try:
-            async with asyncio.timeout(remaining(outcome, headers_within)):
-                exchange.response = await upstream.client.send(req, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-            outcome.endpoint = None  # the engine never saw it
-            await exchange.close()
-            exchange.failed("connect_error")
-            log.warning("engine %s unreachable: %s", endpoint.url, type(exc).__name__)
-            error = from_status(503, f"engine for model {pool.model!r} is unreachable")
-            continue
-        except TimeoutError:
-            await exchange.close()
-            exchange.failed("first_byte_timeout")
-            raise UpstreamTimeout("the engine did not answer in time") from None
-        except httpx.HTTPError as exc:
-            await exchange.close()
-            exchange.failed("upstream_broken")
-            raise UpstreamError(f"engine request failed: {type(exc).__name__}") from None
-        except BaseException:
-            await exchange.close()
-            raise
-        if exchange.response.status_code == 503:
+    async def send(self) -> EngineResponse:
+        """The engine's answer head; one retry elsewhere on a connect error or a 503, never after the first byte."""
+        ctx, upstream, fwd = self.ctx, self.upstream, self.forward
+        headers = {"content-type": "application/json", "x-request-id": ctx.id}
+        if upstream.engine_key:
+            headers["authorization"] = f"Bearer {upstream.engine_key}"
+        # Streams: vLLM answers with headers at once, the first event follows prefill. Non-streams: headers at the end.
+        within = fwd.timeouts.first_byte if fwd.stream else fwd.timeouts.total
+        upstream.metrics.overhead.labels(ctx.model).observe(time.perf_counter() - ctx.start)
+        error: GatewayError
+        while True:
+            ctx.endpoint = self.lease.endpoint.url
             try:
-                error = upstream_error(503, await read_error_body(exchange.response))
-            finally:
-                await exchange.close()
-            exchange.failed("upstream_503")
-            continue
-        return exchange
-    upstream.metrics.errors.labels(pool.model, "unavailable").inc()
-    error.headers.setdefault("retry-after", "1")
-    raise error
-
-
-async def forward(
-    request: Request,
-    upstream: Upstream,
-    pool: EndpointPool,
-    path: str,
-    prepared: Prepared,
-    outcome: Outcome,
-    timeouts: Timeouts,
-) -> Response:
-    """Proxy one request. Until the response starts, a client that leaves closes the upstream request too."""
-    work = asyncio.ensure_future(exchange_with_engine(request, upstream, pool, path, prepared, outcome, timeouts))
-    leaving = asyncio.ensure_future(wait_for_disconnect(request.receive))
-    try:
-        await asyncio.wait({work, leaving}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-    finally:
-        leaving.cancel()
-        if not work.done():
-            # Cancelling closes the engine connection, which is what makes vLLM abort the generation.
-            work.cancel()
-            with contextlib.suppress(asyncio.CancelledError, GatewayError):
-                await work
-    log.info("client disconnected before the response started; engine request closed")
-    upstream.metrics.errors.labels(pool.model, "client_disconnected").inc()
-    return Response(status_code=499)
-
-
-async def exchange_with_engine(
-    request: Request,
-    upstream: Upstream,
-    pool: EndpointPool,
-    path: str,
-    prepared: Prepared,
-    outcome: Outcome,
-    timeouts: Timeouts,
-) -> Response:
-    content = json.dumps(prepared.body, separators=(",", ":")).encode()
-    call = (path, content, str(request.state.request_id), prepared.stream)
-    exchange = await send_upstream(upstream, pool, timeouts, call, outcome, prepared.affinity)
-    resp = exchange.response
-    assert resp is not None
-    handed_over = False
-    try:
-        if resp.status_code != 200:
-            body = await read_error_body(resp)
-            if resp.status_code >= 500:
-                exchange.failed(f"upstream_{resp.status_code}")
+                async with asyncio.timeout(self.remaining(within)):
+                    resp = await upstream.client.post(
+                        self.lease.endpoint.url + fwd.path, fwd.body, headers, fwd.timeouts.connect
+                    )
+            except ConnectFailed as exc:
+                ctx.endpoint = None  # the engine never saw it
+                self.failed("connect_error")
+                log.warning("engine %s unreachable: %s", self.lease.endpoint.url, exc)
+                error = Unavailable(f"engine for model {ctx.model!r} is unreachable")
+            except TimeoutError:
+                self.failed("first_byte_timeout")
+                raise UpstreamTimeout("the engine did not answer in time") from None
+            except EngineBroken as exc:
+                self.failed("upstream_broken")
+                raise UpstreamError(f"engine request failed: {exc}") from None
             else:
-                upstream.checker.succeeded(exchange.endpoint)
-            raise upstream_error(resp.status_code, body)
-        if prepared.stream:
-            chunks = resp.aiter_raw()
+                if resp.status != 503:
+                    # Taken: from here the answer is closed with the request, however it ends.
+                    ctx.resources.push_async_callback(resp.aclose)
+                    return resp
+                try:
+                    error = upstream_error(503, await read_error_body(resp))
+                finally:
+                    await resp.aclose()
+                self.failed("upstream_503")
+            if not self.lease.move():
+                break
+            upstream.metrics.retries.labels(ctx.model).inc()
+        upstream.metrics.errors.labels(ctx.model, "unavailable").inc()
+        error.headers.setdefault("retry-after", "1")
+        raise error
+
+    async def answer(self, send: Send) -> None:
+        """Forward the request and answer the client: an envelope before the first byte, SSE events after it."""
+        resp = await self.send()
+        fwd, ctx = self.forward, self.ctx
+        if resp.status != 200:
+            body = await read_error_body(resp)
+            if resp.status >= 500:
+                self.failed(f"upstream_{resp.status}")
+            else:
+                self.lease.succeeded()
+            raise upstream_error(resp.status, body)
+        if fwd.stream:
+            chunks = aiter(resp.chunks())
             try:
                 # Peek at the first event: a timeout here is still a 504, not a broken 200.
-                async with asyncio.timeout(remaining(outcome, timeouts.first_byte)):
+                async with asyncio.timeout(self.remaining(fwd.timeouts.first_byte)):
                     first = await anext(chunks)
             except TimeoutError:
-                exchange.failed("first_byte_timeout")
+                self.failed("first_byte_timeout")
                 raise UpstreamTimeout("the engine sent no token in time") from None
             except StopAsyncIteration:
-                exchange.failed("empty_stream")
+                self.failed("empty_stream")
                 raise UpstreamError("the engine closed the stream without an event") from None
-            upstream.checker.succeeded(exchange.endpoint)
-            handed_over = True  # the stream owns the exchange from here on
-            return ProxyStream(relay_sse(exchange, chunks, first, prepared.strip_usage, timeouts), exchange)
+            except EngineBroken as exc:
+                self.failed("upstream_broken")
+                raise UpstreamError(f"engine stream failed: {exc}") from None
+            self.lease.succeeded()
+            relay = StreamRelay(
+                ctx, self.upstream.metrics, fwd.timeouts, fwd.strip_usage, self.failed, self.upstream.max_event_bytes
+            )
+            await relay.run(send, first, chunks)
+            self.record_tokens()
+            return
         try:
-            async with asyncio.timeout(remaining(outcome, timeouts.total)):
-                body = await resp.aread()
+            async with asyncio.timeout(self.remaining(fwd.timeouts.total)):
+                body = await resp.read()
         except TimeoutError:
-            exchange.failed("total_timeout")
+            self.failed("total_timeout")
             raise UpstreamTimeout("the engine did not finish in time") from None
-        except httpx.HTTPError as exc:
-            exchange.failed("upstream_broken")
-            raise UpstreamError(f"engine connection failed: {type(exc).__name__}") from None
-        upstream.checker.succeeded(exchange.endpoint)
+        except EngineBroken as exc:
+            self.failed("upstream_broken")
+            raise UpstreamError(f"engine connection failed: {exc}") from None
+        self.lease.succeeded()
         try:
-            exchange.record_usage(json.loads(body).get("usage"))
-        except (ValueError, AttributeError):
+            usage = json.loads(body).get("usage")
+        except (ValueError, AttributeError, RecursionError):
+            usage = None
             log.warning("engine answer is not a JSON object")
-        return Response(body, status_code=200, media_type="application/json")
-    finally:
-        if not handed_over:
-            await exchange.close()
+        if isinstance(usage, dict):
+            ctx.record_usage(usage)
+        self.record_tokens()
+        await send_bytes(ctx, send, 200, body)
+
+    def record_tokens(self) -> None:
+        ctx, metrics = self.ctx, self.upstream.metrics
+        if ctx.prompt_tokens is not None:
+            metrics.prompt_tokens.labels(ctx.model).inc(ctx.prompt_tokens)
+            metrics.completion_tokens.labels(ctx.model).inc(ctx.completion_tokens or 0)

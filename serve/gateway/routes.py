@@ -1,86 +1,27 @@
-"""HTTP routes: the OpenAI-compatible API, health, readiness and metrics."""
+"""The gateway's routes: the OpenAI-compatible API, health, readiness, metrics and the API description."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.responses import JSONResponse, Response
 
-from serve.config.model_file import ModelFile
-from serve.gateway.drain import Drain
-from serve.gateway.errors import (
-    BadRequest,
-    GatewayError,
-    NotFound,
-    PayloadTooLarge,
-    RateLimited,
-    Unavailable,
-    error_response,
-)
-from serve.gateway.keystore import KeyStore
-from serve.gateway.limits import Limiter
-from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
+from serve.gateway.context import RequestContext
+from serve.gateway.errors import BadRequest, NotFound, RateLimited, Unavailable
 from serve.gateway.policy import Kind, apply_policy, check_access
-from serve.gateway.pool import EndpointPool
-from serve.gateway.protocol import BEARER, CHAT_REQUEST, COMPLETION_REQUEST, body
-from serve.gateway.proxy import Outcome, ProxyStream, Upstream, forward
-from serve.gateway.tokens import TokenCounter
+from serve.gateway.proxy import Forward, Proxy
+from serve.gateway.state import GatewayState
 
-
-@dataclass
-class ModelState:
-    model: ModelFile
-    pool: EndpointPool
-    counter: TokenCounter
-
-
-@dataclass
-class GatewayState:
-    """Resources owned by the lifespan, handed to handlers as a typed dependency."""
-
-    # Served names and aliases -> the model's state (aliases share one entry).
-    models: dict[str, ModelState]
-    pools: list[EndpointPool]
-    upstream: Upstream
-    keystore: KeyStore
-    metrics: GatewayMetrics
-    drain: Drain
-    limiter: Limiter
-    max_body_bytes: int
-    created: int
-
-
-def get_state(request: Request) -> GatewayState:
-    state: GatewayState = request.state.gateway
-    return state
-
-
-State = Annotated[GatewayState, Depends(get_state)]
-router = APIRouter()
-
+Handler = Callable[[GatewayState, RequestContext, Scope, Receive, Send], Awaitable[None]]
 
 # Bodies above this are parsed, templated and tokenized in a worker thread, so one huge prompt cannot stall
 # every stream the event loop is relaying.
 INLINE_BODY_BYTES = 64 * 1024
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -93,117 +34,111 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def admit_to_pool(state: GatewayState, model: ModelFile, pool: EndpointPool, outcome: Outcome) -> None:
-    """503 before anything is spent when no engine can take the request; else hold a place in the pool."""
-    if not pool.ready:
-        state.metrics.errors.labels(model.name, "unavailable").inc()
-        raise Unavailable(
-            f"no healthy engine for model {model.name!r}", code="no_healthy_endpoint", headers={"retry-after": "1"}
-        )
-    cap = model.policy.routing.max_inflight
-    if cap is not None and pool.admitted >= cap:
-        state.metrics.errors.labels(model.name, "overloaded").inc()
-        raise Unavailable(
-            f"model {model.name!r} is at its limit of {cap} requests in flight",
-            code="overloaded",
-            headers={"retry-after": "1"},
-        )
-    # Taken here, with no await since the check, so a burst cannot all pass it.
-    pool.admitted += 1
+def generation(kind: Kind, path: str) -> Handler:
+    async def handle(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+        await generate(state, ctx, scope, receive, send, kind, path)
 
-    async def leave() -> None:
-        pool.admitted -= 1
-
-    outcome.finalizers.append(leave)
+    return handle
 
 
-async def generate(request: Request, state: GatewayState, kind: Kind, path: str) -> Response:
+async def generate(
+    state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, kind: Kind, path: str
+) -> None:
     if state.drain.active:
         raise Unavailable("the gateway is shutting down", code="draining", headers={"retry-after": "1"})
-    outcome = Outcome(start=float(request.state.start))
-    request.state.outcome = outcome
-    raw = await read_body(request, state.max_body_bytes)
-    body = parse_json_object(raw)
+    raw = await read_body(receive, state.max_body_bytes, header(scope, b"content-length"))
+    off_loop = len(raw) > INLINE_BODY_BYTES
+    body = await asyncio.to_thread(parse_json_object, raw) if off_loop else parse_json_object(raw)
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
     found = state.models.get(requested)
     if found is None:
         raise NotFound(f"The model {requested!r} does not exist.", param="model", code="model_not_found")
-    model, pool = found.model, found.pool
-    request.state.model = model.name
-    key = request.state.key
-    check_access(key, model, requested)
-    session = request.headers.get(model.policy.routing.session_header)
-    if len(raw) > INLINE_BODY_BYTES:
+    model = found.model
+    ctx.model = model.name
+    check_access(ctx.key, model, requested)
+    session_header = header(scope, model.policy.routing.session_header.lower().encode())
+    session = session_header.decode("latin-1") if session_header is not None else None
+    if off_loop:
         prepared = await asyncio.to_thread(apply_policy, body, model, kind, found.counter, session)
     else:
         prepared = apply_policy(body, model, kind, found.counter, session)
-    admit_to_pool(state, model, pool, outcome)
+    metrics = state.metrics
     try:
-        ticket = await state.limiter.acquire(key, prepared.reserve_tokens)
-    except BaseException as exc:
-        if isinstance(exc, RateLimited):
-            state.metrics.rate_limited.labels(model.name, key.id, exc.code or "rate_limit").inc()
-        await outcome.finish()
+        lease = ctx.resources.enter_context(found.pool.lease(prepared.affinity))
+    except Unavailable as exc:
+        metrics.errors.labels(model.name, "overloaded" if exc.code == "overloaded" else "unavailable").inc()
         raise
-    outcome.prompt_estimate, outcome.reserved, outcome.stream = (
-        prepared.prompt_tokens,
-        prepared.reserve_tokens,
-        prepared.stream,
-    )
-    outcome.finalizers.append(lambda: state.limiter.settle(ticket, outcome.total_tokens))
+    assert ctx.key is not None
     try:
-        response = await forward(request, state.upstream, pool, path, prepared, outcome, model.policy.timeouts)
-    except GatewayError as exc:
-        exc.headers.update(ticket.headers)
-        await outcome.finish()
+        ticket = await state.limiter.acquire(ctx.key, prepared.reserve_tokens)
+    except RateLimited as exc:
+        metrics.rate_limited.labels(model.name, ctx.key.id, exc.code or "rate_limit").inc()
         raise
-    except BaseException:
-        await outcome.finish()
-        raise
-    response.headers.update(ticket.headers)
-    if not isinstance(response, ProxyStream):
-        await outcome.finish()
-    return response
+
+    async def settle() -> None:
+        await state.limiter.settle(ticket, ctx.total_tokens)
+
+    ctx.resources.push_async_callback(settle)
+    ctx.headers.update(ticket.headers)
+    ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
+    ctx.watch_client(receive)
+    content = json.dumps(prepared.body, separators=(",", ":")).encode()
+    forward = Forward(path, content, prepared.stream, prepared.strip_usage, model.policy.timeouts)
+    await Proxy(state.upstream, ctx, lease, forward).answer(send)
 
 
-@router.post("/v1/chat/completions", openapi_extra={**body(CHAT_REQUEST), **BEARER})
-async def chat_completions(request: Request, state: State) -> Response:
-    return await generate(request, state, "chat", "/v1/chat/completions")
-
-
-@router.post("/v1/completions", openapi_extra={**body(COMPLETION_REQUEST), **BEARER})
-async def completions(request: Request, state: State) -> Response:
-    return await generate(request, state, "completion", "/v1/completions")
-
-
-@router.get("/v1/models", openapi_extra=BEARER)
-async def list_models(request: Request, state: State) -> JSONResponse:
-    key = request.state.key
+async def list_models(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    key = ctx.key
     data = [
         {"id": name, "object": "model", "created": state.created, "owned_by": "llmserve", "root": entry.model.name}
         for name, entry in state.models.items()
-        if not key.models or set(key.models) & set(entry.model.names)
+        if key is None or not key.models or set(key.models) & set(entry.model.names)
     ]
-    return JSONResponse({"object": "list", "data": data})
+    await send_bytes(ctx, send, 200, json.dumps({"object": "list", "data": data}).encode())
 
 
-@router.get("/healthz")
-async def healthz() -> JSONResponse:
-    return JSONResponse({"status": "ok"})
+async def healthz(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    await send_bytes(ctx, send, 200, b'{"status":"ok"}')
 
 
-@router.get("/readyz")
-async def readyz(state: State) -> Response:
+async def readyz(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
     if state.drain.active:
-        return error_response(Unavailable("the gateway is shutting down", code="draining"))
+        await send_error(ctx, send, Unavailable("the gateway is shutting down", code="draining"))
+        return
     waiting = [pool.model for pool in state.pools if not pool.ready]
     if waiting:
-        return error_response(Unavailable(f"no healthy engine yet for: {', '.join(waiting)}", code="not_ready"))
-    return JSONResponse({"status": "ready", "models": [pool.model for pool in state.pools]})
+        await send_error(ctx, send, Unavailable(f"no healthy engine yet for: {', '.join(waiting)}", code="not_ready"))
+        return
+    body = {"status": "ready", "models": [pool.model for pool in state.pools]}
+    await send_bytes(ctx, send, 200, json.dumps(body).encode())
 
 
-@router.get("/metrics")
-async def metrics(state: State) -> Response:
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    text = generate_latest(state.metrics.registry)
+    await send_bytes(ctx, send, 200, text, CONTENT_TYPE_LATEST.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    methods: dict[str, Handler]
+    # The label metrics use for it; a path outside the table is "other", never the raw path.
+    label: str
+
+
+async def openapi(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    await send_bytes(ctx, send, 200, state.openapi)
+
+
+def route_table() -> dict[str, Route]:
+    table: dict[str, dict[str, Handler]] = {
+        "/v1/chat/completions": {"POST": generation("chat", "/v1/chat/completions")},
+        "/v1/completions": {"POST": generation("completion", "/v1/completions")},
+        "/v1/models": {"GET": list_models},
+        "/healthz": {"GET": healthz},
+        "/readyz": {"GET": readyz},
+        "/metrics": {"GET": metrics},
+        "/openapi.json": {"GET": openapi},
+    }
+    return {path: Route(methods, path) for path, methods in table.items()}

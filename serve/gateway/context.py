@@ -1,0 +1,97 @@
+"""The request context: made once per request by the gateway's entry, closed in exactly one place.
+
+Whatever a request takes (its endpoint lease, its limiter ticket, the engine response, the watch on the client) is
+entered into `resources` at the moment it is taken. The entry closes that stack once, however the request ends
+(answer, error, timeout, client gone before or after the first byte, drain), then records metrics and the access
+log from what the context says happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.config.keys import KeyRecord
+
+CONTEXT = "llmserve.context"
+
+
+@dataclass(slots=True, eq=False)
+class RequestContext:
+    id: str
+    start: float
+    route: str
+    client: str | None = None
+    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    key: KeyRecord | None = None
+    # The served model name the request resolved to ("none" until then).
+    model: str = "none"
+    status: int = 0
+    # The engine that took the request; None if no engine ever saw it.
+    endpoint: str | None = None
+    stream: bool = False
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    ttft: float | None = None
+    # Events that carried generated output; without the engine's usage, the estimate of completion tokens.
+    output_events: int = 0
+    prompt_estimate: int = 0
+    reserved: int = 0
+    # Headers every answer to this request carries, errors included (the limiter's x-ratelimit-*).
+    headers: dict[str, str] = field(default_factory=dict)
+    # Why the request failed, for the error counter (one reason per request).
+    failure: str | None = None
+    # Set just before the last byte is sent; after it a disconnect is the normal end, not the client leaving.
+    responded: bool = False
+    client_gone: bool = False
+
+    def record_usage(self, usage: dict[str, Any]) -> None:
+        prompt, completion = (
+            usage.get("prompt_tokens", usage.get("input_tokens")),
+            usage.get("completion_tokens", usage.get("output_tokens")),
+        )
+        self.prompt_tokens = prompt if isinstance(prompt, int) else 0
+        self.completion_tokens = completion if isinstance(completion, int) else 0
+
+    @property
+    def total_tokens(self) -> int | None:
+        """Tokens the request used: the engine's usage, else an estimate; None if no engine ever saw it."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens + (self.completion_tokens or 0)
+        if self.output_events:
+            return self.prompt_estimate + self.output_events
+        if self.endpoint is None:
+            return None
+        # An engine took it: a stream cut before any token paid for its prompt; a non-streamed answer cut short
+        # may have generated everything, so it keeps its whole reservation.
+        return self.prompt_estimate if self.stream else self.reserved
+
+    def watch_client(self, receive: Callable[[], Any]) -> None:
+        """Cancel the request's task if the client disconnects before the answer is complete.
+
+        Called once the body is read (until then `receive` belongs to the body). `client_gone` tells the entry that
+        a cancellation means "the client left" (499), not a shutdown. The watch is a resource: it ends with the
+        request.
+        """
+        task = asyncio.current_task()
+
+        async def watch() -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    # After the last byte a server also answers "disconnect": only a client leaving early counts.
+                    if not self.responded and task is not None:
+                        self.client_gone = True
+                        task.cancel()
+                    return
+
+        watcher = asyncio.ensure_future(watch())
+        self.resources.callback(watcher.cancel)
+
+
+def context_of(scope: dict[str, Any]) -> RequestContext:
+    ctx: RequestContext = scope[CONTEXT]
+    return ctx
