@@ -8,7 +8,7 @@ import pytest
 
 from serve.config.keys import KeyRecord
 from serve.gateway.errors import RateLimited
-from serve.gateway.limits import CONCURRENCY, REQUESTS, TOKENS, TOO_LARGE, Limiter
+from serve.gateway.limits.base import CONCURRENCY, REQUESTS, TOKENS, TOO_LARGE, Limiter
 
 
 class FakeClock:
@@ -68,7 +68,7 @@ class LimiterContract:
 
         err = await refused(limiter, key)
         assert err.code == REQUESTS
-        assert err.headers["Retry-After"] == "1"  # 0.5 s, rounded up to whole seconds
+        assert err.headers["retry-after"] == "1"  # 0.5 s, rounded up to whole seconds
         assert err.headers["x-ratelimit-remaining-requests"] == "0"
 
         clock.advance(0.25)  # half a request back: still not one
@@ -88,11 +88,11 @@ class LimiterContract:
         key = make_key(rpm=6)  # one request per 10 s
         for _ in range(6):
             await limiter.acquire(key, 0)
-        assert (await refused(limiter, key)).headers["Retry-After"] == "10"
+        assert (await refused(limiter, key)).headers["retry-after"] == "10"
         clock.advance(4)
-        assert (await refused(limiter, key)).headers["Retry-After"] == "6"
+        assert (await refused(limiter, key)).headers["retry-after"] == "6"
         clock.advance(5.5)
-        assert (await refused(limiter, key)).headers["Retry-After"] == "1"
+        assert (await refused(limiter, key)).headers["retry-after"] == "1"
         clock.advance(0.5)
         await limiter.acquire(key, 0)
 
@@ -109,7 +109,7 @@ class LimiterContract:
         }
         err = await refused(limiter, key, 400)
         assert err.code == TOKENS
-        assert err.headers["Retry-After"] == "20"
+        assert err.headers["retry-after"] == "20"
         assert err.headers["x-ratelimit-remaining-tokens"] == "200"
 
         await limiter.settle(t1, 100)  # 300 come back
@@ -135,7 +135,7 @@ class LimiterContract:
         ticket = await limiter.acquire(key, 600)
         await limiter.settle(ticket, 900)  # 300 more than reserved: the bucket goes to -300
         err = await refused(limiter, key, 1)
-        assert err.headers["Retry-After"] == "31"  # 301 tokens at 10 per second
+        assert err.headers["retry-after"] == "31"  # 301 tokens at 10 per second
         assert err.headers["x-ratelimit-remaining-tokens"] == "0"
         assert err.headers["x-ratelimit-reset-tokens"] == "90s"
 
@@ -173,7 +173,7 @@ class LimiterContract:
         err = await refused(limiter, key, 101)
         assert err.code == TOO_LARGE
         assert "101" in err.message and "100" in err.message
-        assert "Retry-After" not in err.headers  # waiting cannot make it fit
+        assert "retry-after" not in err.headers  # waiting cannot make it fit
         assert err.headers["x-ratelimit-limit-tokens"] == "100"
         ticket = await limiter.acquire(key, 100)
         assert ticket.headers["x-ratelimit-remaining-requests"] == "9"
@@ -187,7 +187,7 @@ class LimiterContract:
         assert a.headers == {}  # no rate limits on this key, so no x-ratelimit headers
         err = await refused(limiter, key)
         assert err.code == CONCURRENCY
-        assert err.headers == {"Retry-After": "1"}
+        assert err.headers == {"retry-after": "1"}
         assert await limiter.outstanding(key.id) == 2
 
         await limiter.settle(a, 10)
@@ -204,15 +204,15 @@ class LimiterContract:
         key = make_key(rpm=1, tpm=600)
         await limiter.acquire(key, 600)
         err = await refused(limiter, key, 300)  # requests: 60 s, tokens: 30 s
-        assert (err.code, err.headers["Retry-After"]) == (REQUESTS, "60")
+        assert (err.code, err.headers["retry-after"]) == (REQUESTS, "60")
         clock.advance(45)  # requests: 15 s more; tokens: 450 >= 300
         err = await refused(limiter, key, 300)
-        assert (err.code, err.headers["Retry-After"]) == (REQUESTS, "15")
+        assert (err.code, err.headers["retry-after"]) == (REQUESTS, "15")
 
         both = make_key("key_tokensandslots", tpm=600, max_concurrency=1)
         await limiter.acquire(both, 600)
         err = await refused(limiter, both, 100)  # tokens: 10 s, concurrency: 1 s
-        assert (err.code, err.headers["Retry-After"]) == (TOKENS, "10")
+        assert (err.code, err.headers["retry-after"]) == (TOKENS, "10")
 
     async def test_keys_have_their_own_budgets(self, limiter: Limiter, clock: FakeClock) -> None:
         a, b = make_key("key_aaaaaa", rpm=1), make_key("key_bbbbbb", rpm=1)

@@ -9,8 +9,8 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 import redis
@@ -18,8 +18,8 @@ import redis.asyncio as aioredis
 
 from serve.config.gateway import LimitsSettings
 from serve.gateway.errors import Unavailable
-from serve.gateway.limits import CONCURRENCY, REQUESTS, TOKENS, create_limiter
-from serve.gateway.limits_redis import RedisLimiter
+from serve.gateway.limits import RedisLimiter, create_limiter
+from serve.gateway.limits.base import CONCURRENCY, REQUESTS, TOKENS
 from tests.limits_contract import FakeClock, LimiterContract, make_key, refused
 from tests.servers import free_port
 
@@ -30,7 +30,7 @@ CONTRACT_LEASE = 600.0
 
 
 @contextmanager
-def redis_server() -> Iterator[str]:
+def redis_server(*extra: str) -> Iterator[str]:
     """A throwaway redis-server on a free loopback port, without persistence; yields its URL."""
     exe = shutil.which("redis-server")
     if exe is None:
@@ -39,7 +39,7 @@ def redis_server() -> Iterator[str]:
             pytest.fail(f"{reason}; CI must run the Redis limiter tests")
         pytest.skip(reason)
     port = free_port()
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", *extra]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
@@ -258,7 +258,7 @@ async def test_an_unreachable_redis_refuses_with_503() -> None:
             await limiter.acquire(make_key(rpm=5), 0)
         assert caught.value.status == 503
         assert caught.value.code == "limits_unavailable"
-        assert caught.value.headers == {"Retry-After": "1"}
+        assert caught.value.headers == {"retry-after": "1"}
     finally:
         await limiter.aclose()
 
@@ -270,7 +270,7 @@ async def test_settle_survives_redis_going_away(
         limiter = make_limiter(url, prefix, clock)
         ticket = await limiter.acquire(make_key(max_concurrency=1), 0)
     try:
-        with caplog.at_level(logging.WARNING, logger="serve.gateway.limits_redis"):
+        with caplog.at_level(logging.WARNING, logger="serve.gateway.limits.redis"):
             await limiter.settle(ticket, 0)  # logged, not raised: the request is over either way
         assert "could not settle a ticket" in caplog.text
         caplog.clear()
@@ -290,3 +290,86 @@ async def test_factory_builds_a_working_redis_limiter(redis_url: str, prefix: st
         assert await limiter.outstanding(key.id) == 0
     finally:
         await limiter.aclose()
+
+
+def wall_clock(monkeypatch: pytest.MonkeyPatch, ahead: float) -> Callable[[], AbstractContextManager[None]]:
+    """The wall clock (time.time) of a gateway `ahead` seconds ahead of the others, while its calls run."""
+    real = time.time
+
+    @contextmanager
+    def running() -> Iterator[None]:
+        with monkeypatch.context() as patch:
+            patch.setattr(time, "time", lambda: real() + ahead)
+            yield
+
+    return running
+
+
+async def test_gateways_with_clocks_apart_share_one_clock(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Built as the app builds them; one replica's clock runs 120 s ahead of the other's (and of Redis').
+    settings = LimitsSettings(backend="redis", redis_url=redis_url, key_prefix=prefix)
+    as_ahead = wall_clock(monkeypatch, 120)
+    with as_ahead():
+        ahead = create_limiter(settings)
+    behind = create_limiter(settings)
+    try:
+        pair = make_key("key_concurrency", max_concurrency=2)
+        held = [await behind.acquire(pair, 0), await behind.acquire(pair, 0)]
+        with as_ahead():
+            # Timed by its own clock, this replica would see the other's leases as run out 60 s ago.
+            assert (await refused(ahead, pair)).code == CONCURRENCY
+            assert await ahead.outstanding(pair.id) == 2
+        for ticket in held:
+            await behind.settle(ticket, None)
+
+        per_second = make_key("key_oncepersecond", rpm=60)
+        with as_ahead():
+            for _ in range(60):
+                await ahead.settle(await ahead.acquire(per_second, 0), None)
+            assert (await refused(ahead, per_second)).code == REQUESTS
+        await asyncio.sleep(1.2)
+        # One request refilled, for either replica: the bucket is not stamped two minutes into the future.
+        ticket = await behind.acquire(per_second, 0)
+        assert ticket.headers["x-ratelimit-remaining-requests"] == "0"
+        await behind.settle(ticket, None)
+    finally:
+        await ahead.aclose()
+        await behind.aclose()
+
+
+async def test_a_replica_of_redis_stores_what_the_primary_stored(prefix: str) -> None:
+    # The scripts read TIME; Redis replicates their effects (the numbers written), so a replica holds the same
+    # stamps and lease expiries, not ones recomputed from its own clock.
+    with redis_server() as primary_url:
+        port = primary_url.rsplit(":", 1)[1].split("/")[0]
+        with redis_server("--replicaof", "127.0.0.1", port) as replica_url:
+            primary = aioredis.from_url(primary_url, decode_responses=True)
+            replica = aioredis.from_url(replica_url, decode_responses=True)
+            limiter = RedisLimiter(
+                aioredis.from_url(primary_url, decode_responses=True), key_prefix=prefix, slot_lease=60
+            )
+            try:
+                for _ in range(100):
+                    if (await replica.info("replication"))["master_link_status"] == "up":
+                        break
+                    await asyncio.sleep(0.1)
+                key = make_key(rpm=60, tpm=600, max_concurrency=2)
+                ticket = await limiter.acquire(key, 100)
+                await limiter.acquire(key, 50)
+                await limiter.settle(ticket, 20)
+                assert await primary.wait(1, 5000) == 1
+                buckets = [f"{prefix}{{{key.id}}}:{part}" for part in ("requests", "tokens")]
+                slots = f"{prefix}{{{key.id}}}:slots"
+                for name in buckets:
+                    stored = await primary.hgetall(name)
+                    assert set(stored) == {"level", "stamp"}
+                    assert await replica.hgetall(name) == stored
+                leases = await primary.zrange(slots, 0, -1, withscores=True)
+                assert len(leases) == 1
+                assert await replica.zrange(slots, 0, -1, withscores=True) == leases
+            finally:
+                await limiter.aclose()
+                await primary.aclose()
+                await replica.aclose()

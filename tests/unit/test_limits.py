@@ -7,13 +7,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve.config.gateway import REDIS_URL_ENV, GatewayFile, LimitsSettings
+from serve.config.gateway import GatewayFile, LimitsSettings
 from serve.config.loader import ConfigError, load_model
 from serve.gateway.errors import RateLimited
-from serve.gateway.limits import MemoryLimiter, create_limiter, format_reset
+from serve.gateway.limits import MemoryLimiter, create_limiter
+from serve.gateway.limits.base import format_reset
 from tests.limits_contract import FakeClock, LimiterContract, make_key
 
 pytestmark = pytest.mark.anyio
+
+# The variable users set; named here as they type it.
+REDIS_URL_ENV = "LLMSERVE_REDIS_URL"
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -13,7 +12,7 @@ from redis.exceptions import RedisError
 from serve.config.gateway import LimitsSettings
 from serve.config.keys import KeyRecord
 from serve.gateway.errors import Unavailable
-from serve.gateway.limits import (
+from serve.gateway.limits.base import (
     CONCURRENCY,
     REQUESTS,
     TOKENS,
@@ -31,10 +30,19 @@ from serve.gateway.limits import (
 
 log = logging.getLogger(__name__)
 
-# Shared by both scripts. A bucket is a hash {level, stamp}; a missing one is full. Numbers go back to Python as
-# strings with every digit (Redis would truncate a Lua number to an integer, and tostring() rounds).
+# Shared by every script. ARGV[1] is empty: the time is Redis' own (TIME), one clock for every gateway whatever
+# theirs say; tests pin it with a number instead. Redis 5 and later replicate a script's effects (the commands it
+# ran, with the numbers it computed), not the script, so replicas and AOF replays store these values as they are.
+# A bucket is a hash {level, stamp}; a missing one is full. Numbers go back to Python as strings with every digit
+# (Redis would truncate a Lua number to an integer, and tostring() rounds).
 _BUCKET = """
-local now = tonumber(ARGV[1])
+local now
+if ARGV[1] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
 
 local function fmt(x)
   return string.format('%.17g', x)
@@ -52,7 +60,8 @@ local function level(key, capacity)
 end
 
 local function store(key, capacity, lvl)
-  -- A replica whose clock is behind must not move the stamp back: that time would be refilled twice.
+  -- A clock stepping back (Redis failing over to a host whose clock is behind) must not move the stamp back: that
+  -- time would be refilled twice.
   redis.call('HSET', key, 'level', fmt(lvl), 'stamp', fmt(math.max(now, stamps[key] or now)))
   -- Once full again the bucket says nothing a missing key would not: let Redis drop it then.
   redis.call('PEXPIRE', key, math.ceil((capacity - lvl) * 60000 / capacity) + 1000)
@@ -65,7 +74,7 @@ end
 """
 
 # KEYS: requests bucket, tokens bucket, slots (sorted set: ticket id -> lease expiry).
-# ARGV: now, rpm, tpm, max_concurrency (0 = no such limit), reserve, ticket id, lease seconds.
+# ARGV: pinned time or '', rpm, tpm, max_concurrency (0 = no such limit), reserve, ticket id, lease seconds.
 # Returns {admitted, requests level, tokens level, slots in use, requests failed, tokens failed, concurrency failed}.
 _ACQUIRE = (
     _BUCKET
@@ -96,7 +105,8 @@ return {1, fmt(req), fmt(tok), active, 0, 0, 0}
 """
 )
 
-# KEYS: tokens bucket, slots. ARGV: now, tpm (0 = none), ticket id, tokens to give back (negative: charge).
+# KEYS: tokens bucket, slots. ARGV: pinned time or '', tpm (0 = none), ticket id, tokens to give back (negative:
+# charge).
 # Only the call that removes the ticket gives tokens back, so settling twice (from any replica) counts once.
 _SETTLE = (
     _BUCKET
@@ -110,7 +120,7 @@ return 1
 """
 )
 
-# KEYS: slots. ARGV: now, lease seconds, ticket ids. XX: a slot settled meanwhile is not brought back.
+# KEYS: slots. ARGV: pinned time or '', lease seconds, ticket ids. XX: a slot settled meanwhile is not brought back.
 _RENEW = (
     _BUCKET
     + """
@@ -123,26 +133,30 @@ return 0
 """
 )
 
+# KEYS: slots. ARGV: pinned time or ''. Slots whose lease ran out are not counted.
+_COUNT = (
+    _BUCKET
+    + """
+return redis.call('ZCOUNT', KEYS[1], '(' .. fmt(now), '+inf')
+"""
+)
+
 
 class RedisLimiter(Limiter):
     """Limits counted in Redis. Concurrency slots are leases that this process renews while its requests run."""
 
     def __init__(
-        self,
-        client: aioredis.Redis,
-        *,
-        key_prefix: str = "llmserve:limits:",
-        slot_lease: float = 60.0,
-        clock: Clock = time.time,
+        self, client: aioredis.Redis, *, key_prefix: str, slot_lease: float, clock: Clock | None = None
     ) -> None:
         self._redis = client
         self._prefix = key_prefix
         self._lease = slot_lease
-        # Wall-clock time, not monotonic: the timestamps are shared with other processes and machines.
+        # None: the scripts read Redis' clock. A clock here replaces it, for tests that must not sleep.
         self._clock = clock
         self._acquire = client.register_script(_ACQUIRE)
         self._settle = client.register_script(_SETTLE)
         self._renew = client.register_script(_RENEW)
+        self._count = client.register_script(_COUNT)
         self._held: dict[str, Ticket] = {}
         self._renewer: asyncio.Task[None] | None = None
         # Give-backs of admissions whose caller was cancelled meanwhile; kept so the loop does not drop them.
@@ -159,7 +173,10 @@ class RedisLimiter(Limiter):
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
         )
-        return cls(client, key_prefix=settings.key_prefix, slot_lease=settings.slot_lease, clock=clock or time.time)
+        return cls(client, key_prefix=settings.key_prefix, slot_lease=settings.slot_lease, clock=clock)
+
+    def _now(self) -> str:
+        return "" if self._clock is None else repr(self._clock())
 
     def _key(self, key_id: str, part: str) -> str:
         # The braces are a Redis Cluster hash tag: a key's three entries share a slot, as a script needs.
@@ -170,7 +187,7 @@ class RedisLimiter(Limiter):
         check_size(limits, reserve_tokens)
         ticket_id = new_ticket_id()
         args: list[str | int] = [
-            repr(self._clock()),
+            self._now(),
             limits.rpm or 0,
             limits.tpm or 0,
             limits.max_concurrency or 0,
@@ -193,7 +210,7 @@ class RedisLimiter(Limiter):
             raise Unavailable(
                 "The rate-limit service is unavailable; try again shortly.",
                 code="limits_unavailable",
-                headers={"Retry-After": "1"},
+                headers={"retry-after": "1"},
             ) from exc
         admitted, req, tok, active, f_req, f_tok, f_conc = reply
         seen = Observation(
@@ -225,7 +242,7 @@ class RedisLimiter(Limiter):
     async def _give_back(self, key_id: str, tpm: int | None, ticket_id: str, tokens: int) -> None:
         keys = [self._key(key_id, "tokens"), self._key(key_id, "slots")]
         try:
-            await self._settle(keys=keys, args=[repr(self._clock()), tpm or 0, ticket_id, tokens])
+            await self._settle(keys=keys, args=[self._now(), tpm or 0, ticket_id, tokens])
         except RedisError as exc:
             # The slot's lease is no longer renewed, so it frees itself; the tokens refill with time.
             log.warning("could not settle a ticket in the limits backend: %s", exc)
@@ -240,15 +257,15 @@ class RedisLimiter(Limiter):
         task.add_done_callback(self._orphans.discard)
 
     async def outstanding(self, key_id: str) -> int:
-        count: int = await self._redis.zcount(self._key(key_id, "slots"), f"({self._clock()!r}", "+inf")
-        return count
+        count = await self._count(keys=[self._key(key_id, "slots")], args=[self._now()])
+        return int(count)
 
     async def renew(self) -> None:
         """Push the lease of every slot this process holds forward."""
         by_key: dict[str, list[str]] = {}
         for ticket in list(self._held.values()):
             by_key.setdefault(ticket.key_id, []).append(ticket.id)
-        now = repr(self._clock())
+        now = self._now()
         for key_id, ids in by_key.items():
             await self._renew(keys=[self._key(key_id, "slots")], args=[now, repr(self._lease), *ids])
 

@@ -1,15 +1,13 @@
-"""Per-key limits: requests and tokens per minute (token buckets) and requests in flight, admitted all at once."""
+"""Limits arithmetic and the limiter interface: token buckets, refusals, x-ratelimit headers, tickets."""
 
 from __future__ import annotations
 
 import math
 import secrets
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from serve.config.gateway import LimitsSettings
 from serve.config.keys import KeyRecord
 from serve.gateway.errors import RateLimited
 
@@ -130,7 +128,7 @@ def refusal(limits: Limits, reserve: int, seen: Observation, failed: list[str]) 
         TOKENS: f"Rate limit reached for tokens per minute (limit {limits.tpm}, this request reserves {reserve}).",
         CONCURRENCY: f"Too many requests in flight for this key (limit {limits.max_concurrency}).",
     }
-    headers = {"Retry-After": str(retry_after), **rate_headers(limits, seen.requests, seen.tokens)}
+    headers = {"retry-after": str(retry_after), **rate_headers(limits, seen.requests, seen.tokens)}
     return RateLimited(f"{messages[code]} Retry after {retry_after} s.", code=code, headers=headers)
 
 
@@ -165,101 +163,8 @@ class Limiter(ABC):
         """Release the backend's resources; tickets not settled by then are forgotten."""
 
 
-class _Bucket:
-    __slots__ = ("level", "stamp")
-
-    def __init__(self, level: float, stamp: float) -> None:
-        self.level = level
-        self.stamp = stamp
-
-    def refill(self, now: float, capacity: int) -> float:
-        self.level, self.stamp = refill(self.level, self.stamp, now, capacity), max(self.stamp, now)
-        return self.level
-
-
-class _KeyState:
-    __slots__ = ("requests", "tokens", "tickets")
-
-    def __init__(self) -> None:
-        self.requests: _Bucket | None = None
-        self.tokens: _Bucket | None = None
-        self.tickets: set[str] = set()
-
-    def bucket(self, name: str, now: float, capacity: int) -> _Bucket:
-        current: _Bucket | None = getattr(self, name)
-        if current is None:
-            current = _Bucket(float(capacity), now)
-            setattr(self, name, current)
-        current.refill(now, capacity)
-        return current
-
-
-class MemoryLimiter(Limiter):
-    """Limits counted in this process: each gateway replica enforces the full limits on its own."""
-
-    def __init__(self, clock: Clock = time.monotonic) -> None:
-        self._clock = clock
-        self._keys: dict[str, _KeyState] = {}
-
-    # No await between reading and taking: on one event loop every acquire and settle is atomic.
-    async def acquire(self, key: KeyRecord, reserve_tokens: int) -> Ticket:
-        limits = Limits.of(key)
-        check_size(limits, reserve_tokens)
-        now = self._clock()
-        state = self._keys.setdefault(key.id, _KeyState())
-        requests = state.bucket("requests", now, limits.rpm) if limits.rpm is not None else None
-        tokens = state.bucket("tokens", now, limits.tpm) if limits.tpm is not None else None
-        seen = Observation(
-            requests=requests.level if requests else None,
-            tokens=tokens.level if tokens else None,
-            active=len(state.tickets),
-        )
-        failed = failing(limits, reserve_tokens, seen)
-        if failed:
-            raise refusal(limits, reserve_tokens, seen, failed)
-        if requests is not None:
-            requests.level -= 1
-        if tokens is not None:
-            tokens.level -= reserve_tokens
-        ticket = Ticket(
-            id=new_ticket_id(),
-            key_id=key.id,
-            limits=limits,
-            reserved_tokens=reserve_tokens,
-            headers=rate_headers(limits, requests.level if requests else None, tokens.level if tokens else None),
-        )
-        state.tickets.add(ticket.id)
-        return ticket
-
-    async def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
-        state = self._keys.get(ticket.key_id)
-        if state is None or ticket.id not in state.tickets:
-            return
-        state.tickets.discard(ticket.id)
-        tpm = ticket.limits.tpm
-        if tpm is not None and state.tokens is not None:
-            bucket = state.bucket("tokens", self._clock(), tpm)
-            bucket.level = min(float(tpm), bucket.level + unused(ticket, used_tokens))
-
-    async def outstanding(self, key_id: str) -> int:
-        state = self._keys.get(key_id)
-        return len(state.tickets) if state else 0
-
-    async def aclose(self) -> None:
-        self._keys.clear()
-
-
 def unused(ticket: Ticket, used_tokens: int | None) -> int:
     """Tokens to give back: negative when the request used more than it reserved."""
     if used_tokens is None:
         return ticket.reserved_tokens
     return ticket.reserved_tokens - max(0, used_tokens)
-
-
-def create_limiter(settings: LimitsSettings, clock: Clock | None = None) -> Limiter:
-    """The limiter the settings ask for; the caller owns it and closes it with `aclose()`."""
-    if settings.backend == "redis":
-        from serve.gateway.limits_redis import RedisLimiter
-
-        return RedisLimiter.from_settings(settings, clock=clock)
-    return MemoryLimiter(clock=clock or time.monotonic)
