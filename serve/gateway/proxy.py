@@ -150,7 +150,9 @@ class Proxy:
             if resp.status >= 500:
                 self.failed(f"upstream_{resp.status}")
             else:
+                # The engine refused the request: nothing was generated, so nothing is charged.
                 self.lease.succeeded()
+                ctx.prompt_tokens, ctx.completion_tokens = 0, 0
             raise upstream_error(resp.status, body)
         if fwd.stream:
             chunks = aiter(resp.chunks())

@@ -33,6 +33,8 @@ class FakeEngine:
     # SSE framing variants the spec allows: CRLF line ends, and no blank line after the last event.
     crlf: bool = False
     end_blank_line: bool = True
+    # Deltas to stream instead of "tok0", "tok1", ... (reasoning or tool-call deltas, say).
+    deltas: list[dict[str, Any]] | None = None
 
     def app(self) -> Starlette:
         return Starlette(
@@ -81,14 +83,15 @@ class FakeEngine:
         base = {"id": "x", "object": "chat.completion.chunk", "model": body["model"]}
         try:
             yield event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-            for i in range(self.chunks):
+            deltas = self.deltas or [{"content": f"tok{i} "} for i in range(self.chunks)]
+            for i, delta in enumerate(deltas):
                 await asyncio.sleep(self.delay)
                 if self.mode == "die" and i == 1:
                     raise RuntimeError("fake engine dies mid-stream")
                 if self.mode == "stall" and i == 1:
                     await asyncio.sleep(3600)
                 self.sent_at.append(time.monotonic())
-                yield event({**base, "choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]})
+                yield event({**base, "choices": [{"index": 0, "delta": delta}]})
             if (body.get("stream_options") or {}).get("include_usage"):
                 last = event({**base, "choices": [], "usage": usage})
                 yield last if self.end_blank_line else last.rstrip()
