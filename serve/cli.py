@@ -136,6 +136,15 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys_check(args: argparse.Namespace) -> int:
+    """Validate the keys file as the gateway reads it: a broken or missing file is an error (exit 2)."""
+    path = Path(args.keys_file)
+    keys = load_keys(path, missing_ok=False)
+    now = datetime.now(UTC)
+    print(f"{path}: {len(keys.keys)} keys, {sum(record.usable(now) for record in keys.keys)} usable")
+    return 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     from serve.engine.validate import EngineArgsError, check_engine_args
 
@@ -214,7 +223,8 @@ def parser() -> argparse.ArgumentParser:
     kl = keys.add_parser("list")
     kr = keys.add_parser("revoke")
     kr.add_argument("id")
-    for sp, func in ((kc, cmd_keys_create), (kl, cmd_keys_list), (kr, cmd_keys_revoke)):
+    kk = keys.add_parser("check", help="validate the keys file; non-zero exit if it is broken or missing")
+    for sp, func in ((kc, cmd_keys_create), (kl, cmd_keys_list), (kr, cmd_keys_revoke), (kk, cmd_keys_check)):
         sp.add_argument("--keys-file", default=keys_file)
         sp.set_defaults(func=func)
 

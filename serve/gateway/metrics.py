@@ -92,6 +92,11 @@ class GatewayMetrics:
             "Health checks that failed for a reason other than the engine's answer (the loop goes on).",
             registry=r,
         )
+        self.keys_reload_errors = Counter(
+            "gateway_keys_reload_errors_total",
+            "Versions of the keys file refused (broken, unreadable, deleted); the last good keys stay in force.",
+            registry=r,
+        )
 
     def watch_pools(self, pools: Callable[[], Iterable[Any]]) -> None:
         """Endpoint gauges read from the pools at scrape time: derived from the leases, never counted twice."""

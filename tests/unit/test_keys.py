@@ -1,17 +1,44 @@
-"""Keys are stored as digests, found in constant time, revocable, expiring; the file is private; the CLI."""
+"""Keys are stored as digests, found by digest, revocable, expiring; the file is private, edits take turns; the CLI."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from serve.cli import main
-from serve.config.keys import KEY_PREFIX, KeysFile, create_key, digest, find_key, load_keys, revoke_key, save_keys
+from serve.config.keys import (
+    KEY_PREFIX,
+    KeyIndex,
+    KeyRecord,
+    KeysFile,
+    create_key,
+    digest,
+    load_keys,
+    revoke_key,
+    save_keys,
+)
 from serve.config.loader import ConfigError
+
+
+def find_key(keys: KeysFile, presented: str, now: datetime | None = None) -> KeyRecord | None:
+    return KeyIndex(keys).find(presented, now)
+
+
+def many_keys(count: int) -> KeysFile:
+    created = datetime(2025, 1, 1, tzinfo=UTC)
+    return KeysFile(
+        keys=[
+            KeyRecord(id=f"key_{i:012x}", name=f"k{i}", sha256=digest(f"plain-{i}"), created=created, rpm=60)
+            for i in range(count)
+        ]
+    )
 
 
 def test_digest_is_sha256_hex() -> None:
@@ -162,3 +189,95 @@ def test_cli_refuses_bad_or_past_expiry(tmp_path: Path, value: str, capsys: pyte
     assert main(["keys", "create", "--keys-file", str(path), "--name", "t", "--expires", value]) == 2
     assert "--expires" in capsys.readouterr().err
     assert not path.exists()
+
+
+def test_index_finds_by_digest_the_last_usable_record(tmp_path: Path) -> None:
+    keys = many_keys(10_000)
+    index = KeyIndex(keys)
+    assert len(index) == 10_000
+    assert index.find("plain-9999") == keys.keys[9999]
+    assert index.find("plain-10000") is None
+    twice = keys.keys[5].model_copy(update={"id": "key_secondrecord", "rpm": 5})
+    off = keys.keys[5].model_copy(update={"id": "key_thirdrecord", "disabled": True})
+    found = KeyIndex(KeysFile(keys=[*keys.keys, twice, off])).find("plain-5")
+    assert found is not None and found.id == "key_secondrecord"
+
+
+def test_concurrent_creates_and_revokes_lose_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    save_keys(path, many_keys(3000))
+    revoked = [f"key_{i:012x}" for i in (7, 1500, 2999)]
+    created: list[KeyRecord] = []
+    answers: list[bool] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2 * len(revoked))
+
+    def run(edit: Callable[[], None]) -> None:
+        try:
+            start.wait()
+            edit()
+        except BaseException as exc:  # reported by the assertion below, not lost in the thread
+            errors.append(exc)
+
+    edits = [lambda key_id=key_id: answers.append(revoke_key(path, key_id)) for key_id in revoked]
+    edits += [lambda: created.append(create_key(path, "new")[1]) for _ in revoked]
+    threads = [threading.Thread(target=run, args=(edit,)) for edit in edits]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert answers == [True] * len(revoked)
+    ids = [record.id for record in load_keys(path).keys]
+    assert len(ids) == 3000
+    assert not set(revoked) & set(ids), "a revoked key came back"
+    assert {record.id for record in created} <= set(ids), "a new key was lost"
+    assert [name for name in os.listdir(tmp_path) if name.endswith(".tmp")] == []
+
+
+def test_an_edit_makes_an_open_file_private(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    _, record = create_key(path, "a")
+    path.chmod(0o644)
+    assert not revoke_key(path, "key_notthere")  # nothing to write, and still tightened
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o664)
+    old_umask = os.umask(0)
+    try:
+        create_key(path, "b")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "keys.yaml.lock").stat().st_mode) == 0o600
+    assert [r.id for r in load_keys(path).keys][0] == record.id
+
+
+def test_a_symlink_planted_as_the_lock_is_not_followed(tmp_path: Path) -> None:
+    path = tmp_path / "keys.yaml"
+    victim = tmp_path / "victim"
+    (tmp_path / "keys.yaml.lock").symlink_to(victim)
+    with pytest.raises(OSError):
+        create_key(path, "a")
+    assert not victim.exists()
+    assert not path.exists()
+
+
+def test_cli_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "keys.yaml"
+    create_key(path, "a")
+    create_key(path, "b", expires=datetime.now(UTC) + timedelta(days=1))
+    save_keys(path, KeysFile(keys=[*load_keys(path).keys, many_keys(1).keys[0].model_copy(update={"disabled": True})]))
+    assert main(["keys", "check", "--keys-file", str(path)]) == 0
+    assert capsys.readouterr().out.strip() == f"{path}: 3 keys, 2 usable"
+
+    path.write_text(path.read_text().replace("rpm: 60", "rpm: -1"))
+    assert main(["keys", "check", "--keys-file", str(path)]) != 0
+    err = capsys.readouterr().err
+    assert str(path) in err and "rpm" in err
+
+    path.write_text("keys: [unclosed\n")
+    assert main(["keys", "check", "--keys-file", str(path)]) != 0
+    assert "not valid YAML" in capsys.readouterr().err
+
+    assert main(["keys", "check", "--keys-file", str(tmp_path / "none.yaml")]) != 0
+    assert "file not found" in capsys.readouterr().err
