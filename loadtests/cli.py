@@ -98,6 +98,10 @@ def add_bench_parser(sub: Any) -> None:
     scenarios = actions.add_parser("scenarios", help="list the scenarios")
     scenarios.set_defaults(func=cmd_scenarios)
 
+    from loadtests.gateway_bench import add_parser as add_gateway_bench
+
+    add_gateway_bench(actions)
+
 
 def redacted_command(argv: list[str]) -> str:
     """The command line for the report, keys replaced by ***."""
