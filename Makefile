@@ -10,7 +10,7 @@ EXTRA ?= cpu
 SETUP_VERSION := 2
 STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
 
-.PHONY: setup run test bench lint typecheck check-configs clean
+.PHONY: setup run test bench bench-gateway lint typecheck check-configs clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,13 @@ test: setup lint typecheck
 # Against a running `make run`: the transformers baseline, vLLM direct and the gateway, same seeded requests.
 bench: setup
 	$(VENV)/bin/llmserve bench compare --users 1,8,32,64 --output-len 64 --warmup 10 --duration 40
+
+# The gateway's own cost per core against an instant upstream, pinned with taskset, driven by wrk (a Debian package:
+# installed here when missing and running as root). Options: make bench-gateway BENCH_ARGS="--gateway-src ../before".
+bench-gateway: setup
+	@command -v wrk >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
+		else echo "wrk is missing: sudo apt-get install wrk" >&2; exit 1; fi; }
+	$(VENV)/bin/llmserve bench gateway $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check serve tests loadtests
