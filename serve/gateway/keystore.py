@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -41,6 +43,8 @@ class KeyStore:
         self._refused: str | None = None  # what was refused last (a digest, or why the file could not be read)
         self._signature: Signature | None = None
         self._settled = False
+        # A SIGHUP may come while the periodic check runs in a worker thread: one check at a time.
+        self._checking = threading.Lock()
         try:
             st = path.stat()
             raw = path.read_bytes()
@@ -54,11 +58,20 @@ class KeyStore:
     def lookup(self, presented: str) -> KeyRecord | None:
         return self._index.find(presented)
 
+    async def areload_if_changed(self, force: bool = False) -> bool:
+        """`reload_if_changed` in a worker thread: parsing a big file (seconds for 10,000 keys) must not stall the
+        event loop. Lookups meanwhile see the old keys or the new ones: the swap is one assignment."""
+        return await asyncio.to_thread(self.reload_if_changed, force)
+
     def reload_if_changed(self, force: bool = False) -> bool:
         """Swap in the file's keys if its bytes changed (`force`: read it whatever its stat says, as on SIGHUP).
 
         Returns whether new keys are in force.
         """
+        with self._checking:
+            return self._check(force)
+
+    def _check(self, force: bool) -> bool:
         try:
             st = self.path.stat()
             if not force and self._settled and signature(st) == self._signature:

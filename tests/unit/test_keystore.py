@@ -1,5 +1,5 @@
 """Reloading the keys file: on its bytes, whatever its timestamps say; a broken or deleted file keeps the last keys
-and says so (last_error, gateway_keys_reload_errors_total); SIGHUP reads it at once."""
+and says so (last_error, gateway_keys_reload_errors_total); SIGHUP reads it at once; parsing off the event loop."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -183,3 +184,35 @@ def test_sighup_reloads_at_once(path: Path, store: KeyStore) -> None:
     asyncio.run(main())
     assert store.lookup("new") is not None
     assert store.lookup("old") is None
+
+
+def test_the_async_reload_parses_off_the_event_loop(
+    path: Path, store: KeyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    parsing, resume = threading.Event(), threading.Event()
+    parsed_in: list[threading.Thread] = []
+    parse_keys = keystore_module.parse_keys
+
+    def held_parse(raw: bytes, where: Path) -> KeysFile:
+        parsed_in.append(threading.current_thread())
+        parsing.set()
+        assert resume.wait(10)
+        return parse_keys(raw, where)
+
+    monkeypatch.setattr(keystore_module, "parse_keys", held_parse)
+    one_key(path, "new")
+
+    async def main() -> None:
+        reload = asyncio.create_task(store.areload_if_changed())
+        for _ in range(1000):  # the loop goes on while the file is parsed
+            if parsing.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert parsing.is_set()
+        assert store.lookup("old") is not None
+        resume.set()
+        assert await reload
+
+    asyncio.run(main())
+    assert parsed_in[0] is not threading.main_thread()
+    assert store.lookup("new") is not None
