@@ -1,4 +1,4 @@
-"""The `llmserve` command: up, gateway, engine, models, keys, config check."""
+"""The `llmserve` command: up, gateway, engine, models, keys, config check, k8s, bench."""
 
 from __future__ import annotations
 
@@ -8,47 +8,68 @@ import os
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from serve.config.gateway import GatewayFile, build_settings
+from serve.config.gateway import GatewayFile, GatewaySettings, build_settings, load_gateway_file
 from serve.config.keys import create_key, load_keys, revoke_key
-from serve.config.loader import ConfigError, load_model
+from serve.config.loader import ConfigError
 from serve.config.model_file import load_model_file
+from serve.config.settings import DEFAULT_MODEL_FILE, env_name, environment
 from serve.logs import setup_logging
 from serve.models.prepare import ModelPrepareError
 
-DEFAULT_MODEL = "configs/models/smollm2-135m-cpu.yaml"
-DEFAULT_GATEWAY = "configs/gateway.yaml"
+if TYPE_CHECKING:
+    from serve.stack import Stack
+
+# Read when it exists; without it every setting has its default (serve/config/gateway.py).
+DEFAULT_GATEWAY = Path("configs/gateway.yaml")
 
 
-def state_dir() -> Path:
-    return Path(os.environ.get("LLMSERVE_HOME", ".llmserve"))
+def gateway_file_arg(path: str | None) -> tuple[GatewayFile, Path]:
+    """The gateway file a command names (it must exist), else configs/gateway.yaml if there is one; and the
+    folder its relative paths start at."""
+    if path is not None:
+        return load_gateway_file(Path(path)), Path(path).parent
+    if DEFAULT_GATEWAY.exists():
+        return load_gateway_file(DEFAULT_GATEWAY), DEFAULT_GATEWAY.parent
+    return GatewayFile(), Path.cwd()
 
 
-def read_gateway_file(path: str) -> GatewayFile:
-    p = Path(path)
-    return load_model(GatewayFile, p, empty_ok=True) if p.exists() else GatewayFile()
+def stack_for(args: argparse.Namespace) -> Stack:
+    """What `up` runs: the gateway file with the address from the flags or the environment, the model files."""
+    from serve.stack import Stack
+
+    env = environment()
+    gateway, _ = gateway_file_arg(args.gateway_config)
+    address = {
+        "host": next(v for v in (args.host, env.host, gateway.host) if v is not None),
+        "port": next(v for v in (args.port, env.port, gateway.port) if v is not None),
+    }
+    models = [(Path(path), load_model_file(path)) for path in args.model or [env.model]]
+    for path, model in models:
+        if model.endpoints or model.discovery is not None:
+            # The gateway would route to those instead of (or, with discovery, drop) the engines `up` starts.
+            raise ConfigError(f"{path}: endpoints and discovery are for `llmserve gateway`; `up` runs its own engines")
+    return Stack(gateway_file=gateway.model_copy(update=address), models=models, state=env.state)
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from serve.stack import Stack, run_stack
+    from serve.stack import run_stack
 
-    gateway = read_gateway_file(args.gateway_config)
-    gateway = gateway.model_copy(update={"host": args.host or gateway.host, "port": args.port or gateway.port})
-    models = [(Path(path), load_model_file(path)) for path in args.model]
-    stack = Stack(gateway_file=gateway, models=models, state_dir=state_dir())
-    return asyncio.run(run_stack(stack))
+    return asyncio.run(run_stack(stack_for(args)))
+
+
+def gateway_settings_for(args: argparse.Namespace) -> GatewaySettings:
+    """What `llmserve gateway` serves: its file, with --host and --port over the file's."""
+    file, base_dir = gateway_file_arg(args.config)
+    update = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    return build_settings(file.model_copy(update=update), base_dir=base_dir)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
     from serve.gateway.server import run_gateway
 
-    file = read_gateway_file(args.config)
-    update: dict[str, object] = {}
-    if args.host:
-        update["host"] = args.host
-    if args.port:
-        update["port"] = args.port
-    run_gateway(build_settings(file.model_copy(update=update), base_dir=Path.cwd()))
+    run_gateway(gateway_settings_for(args))
     return 0
 
 
@@ -180,16 +201,15 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--model",
         action="append",
-        help=f"model file (repeatable; default {DEFAULT_MODEL}, env LLMSERVE_MODEL)",
+        help=f"model file (repeatable; default {DEFAULT_MODEL_FILE}, env {env_name('model')})",
     )
-    up.add_argument("--host", default=os.environ.get("LLMSERVE_HOST"), help="gateway host (env LLMSERVE_HOST)")
-    port = os.environ.get("LLMSERVE_PORT")
-    up.add_argument("--port", type=int, default=int(port) if port else None, help="gateway port (env LLMSERVE_PORT)")
-    up.add_argument("--gateway-config", default=DEFAULT_GATEWAY)
+    up.add_argument("--host", help=f"gateway host (env {env_name('host')}; default: the gateway file's)")
+    up.add_argument("--port", type=int, help=f"gateway port (env {env_name('port')}; default: the gateway file's)")
+    up.add_argument("--gateway-config", help=f"gateway settings (default: {DEFAULT_GATEWAY} if it exists)")
     up.set_defaults(func=cmd_up)
 
     gw = sub.add_parser("gateway", help="run the gateway alone (engines elsewhere)")
-    gw.add_argument("--config", default=DEFAULT_GATEWAY)
+    gw.add_argument("--config", help=f"gateway settings (default: {DEFAULT_GATEWAY} if it exists)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
     gw.set_defaults(func=cmd_gateway)
@@ -208,7 +228,7 @@ def parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=cmd_models_prepare)
 
     keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
-    keys_file = str(state_dir() / "keys.yaml")
+    keys_file = str(environment().state.keys_file)
     kc = keys.add_parser("create")
     kc.add_argument("--name", required=True)
     kc.add_argument("--models", help="comma-separated model names or aliases (default: all)")
@@ -245,12 +265,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    if args.command == "up" and not args.model:
-        args.model = [os.environ.get("LLMSERVE_MODEL", DEFAULT_MODEL)]
-    if args.command != "gateway":
-        setup_logging("info")
     try:
+        # The parser shows defaults from the environment (the state folder), so a wrong variable stops it too.
+        args = parser().parse_args(argv)
+        if args.command != "gateway":
+            setup_logging("info")
         result: int = args.func(args)
     except (ConfigError, ModelPrepareError) as exc:
         print(f"error: {exc}", file=sys.stderr)

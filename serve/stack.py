@@ -13,9 +13,10 @@ from pathlib import Path
 
 import yaml
 
-from serve.config.gateway import ENGINE_KEY_ENV, GatewayFile, ModelEntry
+from serve.config.gateway import GatewayFile, ModelEntry
 from serve.config.keys import create_key, digest, load_keys
 from serve.config.model_file import ModelFile
+from serve.config.settings import ENGINE_KEY_ENV, StateFolder, environment
 from serve.engine.command import build_engine_command
 from serve.engine.process import (
     ChildProcess,
@@ -51,13 +52,19 @@ class Engine:
 
 @dataclass
 class Stack:
+    # Relative paths in it are already resolved (serve.config.gateway.load_gateway_file).
     gateway_file: GatewayFile
     models: list[tuple[Path, ModelFile]]
-    state_dir: Path
+    state: StateFolder
     engines: list[Engine] = field(default_factory=list)
     gateway: ChildProcess | None = None
     # Prepared weights folder per served name: the gateway counts prompt tokens with its tokenizer.
     weights: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def keys_path(self) -> Path:
+        """Where the dev key is added and the gateway looks keys up: the gateway file's, else the state folder's."""
+        return (self.gateway_file.keys_file or self.state.keys_file).absolute()
 
 
 def ensure_dev_key(keys_path: Path, key_path: Path) -> str:
@@ -79,12 +86,12 @@ def write_private(path: Path, secret: str) -> None:
         fh.write(secret + "\n")
 
 
-def engine_key_for(state_dir: Path) -> str:
+def engine_key_for(state: StateFolder) -> str:
     """The engines' internal key: from the environment, else kept in a 0600 file of the state folder, so that
     tools on this machine (`llmserve bench compare`) can reach the engines of a running `up` directly."""
-    if key := os.environ.get(ENGINE_KEY_ENV):
-        return key
-    path = state_dir / "engine-key"
+    if secret := environment().engine_key:
+        return secret.get_secret_value()
+    path = state.engine_key
     if path.exists() and (existing := path.read_text().strip()):
         return existing
     key = secrets.token_urlsafe(32)
@@ -120,7 +127,7 @@ async def start_engines(stack: Stack, engine_key: str) -> None:
         weights = str(folder)
         if model.ray is not None and model.ray.serve is not None:
             # Ray Serve runs every replica; the gateway sees one endpoint, its ingress.
-            run = ray_serve_child(model, path, weights, stack.state_dir, {stack.gateway_file.port})
+            run = ray_serve_child(model, path, weights, stack.state.root, {stack.gateway_file.port})
             stack.engines.append(Engine(model=model, url=run.url, child=run.child, ready_file=run.ready_file))
             continue
         ray_env: dict[str, str] = {}
@@ -133,12 +140,12 @@ async def start_engines(stack: Stack, engine_key: str) -> None:
                 name=f"engine {model.name}#{replica}",
                 argv=cmd.argv,
                 env={**cmd.env, **ray_env, "VLLM_API_KEY": engine_key},
-                log_path=stack.state_dir / "logs" / f"engine-{model.name.replace('/', '_')}-{replica}.log",
+                log_path=stack.state.logs / f"engine-{model.name.replace('/', '_')}-{replica}.log",
             )
             stack.engines.append(Engine(model=model, url=f"http://127.0.0.1:{port}", child=child))
     for engine in stack.engines:
         await engine.child.start()
-    print(f"waiting for {len(stack.engines)} engine(s); logs in {stack.state_dir / 'logs'}", file=sys.stderr)
+    print(f"waiting for {len(stack.engines)} engine(s); logs in {stack.state.logs}", file=sys.stderr)
     await asyncio.gather(*(e.wait_ready() for e in stack.engines))
 
 
@@ -152,10 +159,9 @@ def write_runtime_config(stack: Stack) -> Path:
         )
         for path, model in stack.models
     ]
-    runtime = stack.gateway_file.model_copy(
-        update={"models": entries, "keys_file": stack.gateway_file.keys_file.resolve()}
-    )
-    path = stack.state_dir / "run" / "gateway.yaml"
+    # Absolute paths: the gateway may run from another folder, and LLMSERVE_HOME may change in its environment.
+    runtime = stack.gateway_file.model_copy(update={"models": entries, "keys_file": stack.keys_path})
+    path = stack.state.runtime_gateway
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(runtime.model_dump(mode="json"), sort_keys=False))
     return path
@@ -211,10 +217,9 @@ async def run_stack(stack: Stack) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     die_with_parent()
-    keys_path = stack.gateway_file.keys_file
-    key_path = stack.state_dir / "dev-key"
-    plain = ensure_dev_key(keys_path, key_path)
-    engine_key = engine_key_for(stack.state_dir)
+    key_path = stack.state.dev_key
+    plain = ensure_dev_key(stack.keys_path, key_path)
+    engine_key = engine_key_for(stack.state)
     try:
         starting = asyncio.ensure_future(start_engines(stack, engine_key))
         stop_wait = asyncio.ensure_future(stop.wait())

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from serve.config.loader import ConfigError, load_model
-from serve.config.model_file import ModelFile, Strict, load_model_file
-
-ENGINE_KEY_ENV = "LLMSERVE_ENGINE_KEY"
-REDIS_URL_ENV = "LLMSERVE_REDIS_URL"
+from serve.config.loader import ConfigError, Data, Strict, read_mapping, resolve_path, validate
+from serve.config.model_file import ModelFile, load_model_file
+from serve.config.settings import REDIS_URL_PATTERN, StateFolder, env_name, environment
 
 
 class LimitsSettings(Strict):
@@ -21,7 +18,7 @@ class LimitsSettings(Strict):
 
     backend: Literal["memory", "redis"] = "memory"
     # A URL may carry a password, so the environment (LLMSERVE_REDIS_URL) is the better place for it.
-    redis_url: str | None = Field(default=None, pattern=r"^(redis|rediss|unix)://")
+    redis_url: str | None = Field(default=None, pattern=REDIS_URL_PATTERN)
     key_prefix: str = Field(default="llmserve:limits:", min_length=1)
     # How long the concurrency slots of a gateway that died stay taken; a live gateway renews its own.
     slot_lease: float = Field(default=60.0, ge=3)
@@ -31,11 +28,14 @@ class LimitsSettings(Strict):
     @model_validator(mode="after")
     def _redis_needs_url(self) -> LimitsSettings:
         if self.backend == "redis" and not self.resolved_redis_url():
-            raise ValueError(f"backend redis needs redis_url (or the environment variable {REDIS_URL_ENV})")
+            raise ValueError(f"backend redis needs redis_url (or the environment variable {env_name('redis_url')})")
         return self
 
     def resolved_redis_url(self) -> str | None:
-        return self.redis_url or os.environ.get(REDIS_URL_ENV) or None
+        if self.redis_url:
+            return self.redis_url
+        url = environment().redis_url
+        return url.get_secret_value() if url else None
 
 
 class ModelEntry(Strict):
@@ -48,12 +48,23 @@ class ModelEntry(Strict):
 
 
 class GatewayFile(Strict):
+    """The gateway's settings file. Relative paths in it start at its own folder."""
+
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    keys_file: Path = Path(".llmserve/keys.yaml")
+    # Unset: keys.yaml in the state folder (LLMSERVE_HOME), where `llmserve keys` writes by default.
+    keys_file: Path | None = None
     models: list[ModelEntry] = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    # The HTTP server's guards against slow clients (serve/gateway/http_protocol.py): seconds from a connection's
+    # opening (or a request's first byte) to the end of its head, seconds from there to the end of its body, and the
+    # connections one gateway process holds at once (past it: 503 with Retry-After).
+    header_timeout: float = Field(default=10.0, gt=0)
+    body_timeout: float = Field(default=30.0, gt=0)
+    max_connections: int = Field(default=4096, gt=0)
+    # Gateway processes sharing the port. Per-key limits are shared between them only with limits.backend redis.
+    workers: int = Field(default=1, ge=1)
     health_interval: float = Field(default=2.0, gt=0)
     # Seconds requests in flight may take to finish after SIGTERM.
     drain_timeout: float = Field(default=30.0, ge=0)
@@ -78,21 +89,46 @@ class GatewaySettings:
     routes: tuple[ModelRoute, ...]
     engine_key: str | None
     base_dir: Path
-
-    @property
-    def keys_path(self) -> Path:
-        return resolve(self.base_dir, self.file.keys_file)
+    keys_path: Path
 
 
-def resolve(base: Path, path: Path) -> Path:
-    return path if path.is_absolute() else base / path
+def keys_path(file: GatewayFile, base_dir: Path, state: StateFolder | None = None) -> Path:
+    """The file's keys file, else the state folder's (the one `llmserve keys` manages)."""
+    if file.keys_file is not None:
+        return resolve_path(base_dir, file.keys_file)
+    return (state or environment().state).keys_file
 
 
-def build_settings(file: GatewayFile, base_dir: Path, engine_key: str | None = None) -> GatewaySettings:
+def resolve_gateway_paths(data: Data, folder: Path) -> Data:
+    """keys_file and each model's file and tokenizer, relative to the gateway file's folder."""
+    out = dict(data)
+    if isinstance(out.get("keys_file"), str):
+        out["keys_file"] = str(resolve_path(folder, out["keys_file"]))
+    models = out.get("models")
+    if isinstance(models, list):
+        out["models"] = [
+            {**m, **{k: str(resolve_path(folder, m[k])) for k in ("file", "tokenizer") if isinstance(m.get(k), str)}}
+            if isinstance(m, dict)
+            else m
+            for m in models
+        ]
+    return out
+
+
+def load_gateway_file(path: Path) -> GatewayFile:
+    """The gateway file at `path` (empty means every default), its relative paths made absolute."""
+    return validate(GatewayFile, path, resolve_gateway_paths(read_mapping(path, empty_ok=True), path.parent.absolute()))
+
+
+def build_settings(
+    file: GatewayFile, base_dir: Path, engine_key: str | None = None, state: StateFolder | None = None
+) -> GatewaySettings:
+    """Load the file's model files; relative paths left in `file` start at `base_dir`. The engine key and the
+    state folder default to the environment's."""
     routes: list[ModelRoute] = []
     seen: dict[str, Path] = {}
     for entry in file.models:
-        path = resolve(base_dir, entry.file)
+        path = resolve_path(base_dir, entry.file)
         model = load_model_file(path)
         for name in model.names:
             if name in seen:
@@ -103,18 +139,21 @@ def build_settings(file: GatewayFile, base_dir: Path, engine_key: str | None = N
             raise ConfigError(
                 f"{path}: no endpoints: list them (or a discovery name) in the model file or the gateway's models entry"
             )
-        tokenizer = entry.tokenizer or (Path(model.tokenizer) if model.tokenizer else None)
+        # The model file's own tokenizer is already relative to the model file's folder.
+        if entry.tokenizer is not None:
+            tokenizer: Path | None = resolve_path(base_dir, entry.tokenizer)
+        else:
+            tokenizer = Path(model.tokenizer) if model.tokenizer else None
         routes.append(
-            ModelRoute(
-                model=model,
-                endpoints=tuple(url.rstrip("/") for url in endpoints),
-                tokenizer=resolve(base_dir, tokenizer) if tokenizer else None,
-            )
+            ModelRoute(model=model, endpoints=tuple(url.rstrip("/") for url in endpoints), tokenizer=tokenizer)
         )
-    key = engine_key if engine_key is not None else os.environ.get(ENGINE_KEY_ENV)
-    return GatewaySettings(file=file, routes=tuple(routes), engine_key=key or None, base_dir=base_dir)
-
-
-def load_gateway_settings(path: Path) -> GatewaySettings:
-    file = load_model(GatewayFile, path, empty_ok=True)
-    return build_settings(file, base_dir=Path.cwd())
+    if engine_key is None:
+        secret = environment().engine_key
+        engine_key = secret.get_secret_value() if secret else None
+    return GatewaySettings(
+        file=file,
+        routes=tuple(routes),
+        engine_key=engine_key or None,
+        base_dir=base_dir,
+        keys_path=keys_path(file, base_dir, state),
+    )

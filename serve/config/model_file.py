@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator, model_validator
+from pydantic import Field, HttpUrl, field_validator, model_validator
 
-from serve.config.loader import load_model
+from serve.config.loader import Data, Strict, load_layered, merge_layers, read_layers, resolve_path
 from serve.config.ray_settings import RAY_SERVE_HEALTH_PATH, RayServeSettings, RaySettings
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -44,10 +44,6 @@ RESERVED_FLAGS = frozenset(
         "--dtype",
     }
 )
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class EngineSettings(Strict):
@@ -105,6 +101,7 @@ class EngineSettings(Strict):
 class SyntheticWeights(Strict):
     """A model made from a config and a tokenizer, with random weights (vLLM's `--load-format dummy`)."""
 
+    # Where the tokenizer comes from, as `source` is written.
     tokenizer_from: str
     config: dict[str, Any]
 
@@ -182,17 +179,19 @@ class ModelFile(Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     aliases: list[str] = Field(default_factory=list)
-    # A bundled model name, a local folder, or a Hugging Face id (org/name). Not used with `synthetic`.
+    # A bundled model name, a local folder (./ or ../ relative to this file, or absolute), or a Hugging Face id
+    # (org/name). Not used with `synthetic`.
     source: str | None = None
     revision: str | None = None
     synthetic: SyntheticWeights | None = None
     engine: EngineSettings
     policy: Policy = Field(default_factory=Policy)
-    # Engines not started by `up` (another host, a Kubernetes Service). Empty: `up` starts local replicas.
+    # Engines that run elsewhere (another host, a Kubernetes Service), for a standalone gateway. `up` ignores
+    # them: it starts engine.replicas local engines and routes the gateway to those.
     endpoints: list[HttpUrl] = Field(default_factory=list)
     discovery: DnsDiscovery | None = None
-    # Where the gateway finds tokenizer.json (and chat_template.jinja) to count prompt tokens; default: the
-    # prepared weights folder when `up` runs the engines, else an estimate from the prompt's length.
+    # Where the gateway finds tokenizer.json (and chat_template.jinja) to count prompt tokens, relative to this
+    # file; default: the prepared weights folder when `up` runs the engines, else an estimate from the prompt.
     tokenizer: str | None = None
     # The Ray cluster for vLLM's Ray executor, or `ray.serve` to run the replicas on Ray Serve.
     ray: RaySettings | None = None
@@ -244,5 +243,29 @@ class ModelFile(Strict):
         return [self.name, *self.aliases]
 
 
+def is_relative_folder(value: str) -> bool:
+    """A source written as a relative path; anything else is a bundled name, a Hugging Face id or absolute."""
+    return value in {".", ".."} or value.startswith(("./", "../"))
+
+
+def resolve_model_paths(data: Data, folder: Path) -> Data:
+    """Relative paths of one model file start at its own folder, whichever file extends it and wherever it runs."""
+    out = dict(data)
+    if isinstance(out.get("tokenizer"), str):
+        out["tokenizer"] = str(resolve_path(folder, out["tokenizer"]))
+    if isinstance(out.get("source"), str) and is_relative_folder(out["source"]):
+        out["source"] = str(resolve_path(folder, out["source"]))
+    synthetic = out.get("synthetic")
+    tokenizer_from = synthetic.get("tokenizer_from") if isinstance(synthetic, dict) else None
+    if isinstance(synthetic, dict) and isinstance(tokenizer_from, str) and is_relative_folder(tokenizer_from):
+        out["synthetic"] = {**synthetic, "tokenizer_from": str(resolve_path(folder, tokenizer_from))}
+    return out
+
+
+def model_file_data(path: Path | str) -> Data:
+    """The mapping a model file stands for: the files it extends merged under it, paths made absolute."""
+    return merge_layers(read_layers(Path(path), resolve_model_paths))
+
+
 def load_model_file(path: Path | str) -> ModelFile:
-    return load_model(ModelFile, Path(path))
+    return load_layered(ModelFile, Path(path), resolve_model_paths)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from serve.config.loader import Strict
 
 # Ray Serve's OpenAI app has no /health; /v1/models is answered by its ingress replica through its HTTP proxy.
 RAY_SERVE_HEALTH_PATH = "/v1/models"
-
-
-class Strict(BaseModel):
-    # The same rules as every model file section (serve.config.model_file imports this module).
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Autoscaling(Strict):

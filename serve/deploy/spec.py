@@ -6,8 +6,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from serve.config.loader import load_model
-from serve.config.model_file import Strict
+from serve.config.loader import Strict, load_model
 
 # Next to an overlay's kustomization.yaml; its presence makes a directory an overlay the render step writes.
 SPEC_FILE = "llmserve.yaml"

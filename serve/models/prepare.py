@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from serve.config.model_file import ModelFile, SyntheticWeights
+from serve.config.settings import environment
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ BUNDLED: dict[str, Callable[[], Path]] = {
 
 
 def cache_dir() -> Path:
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmserve"
-    return Path(os.environ.get("LLMSERVE_CACHE", default))
+    return environment().cache
 
 
 def is_complete(folder: Path) -> bool:
