@@ -9,13 +9,9 @@ from typing import Any, Literal
 from serve.config.gateway import GatewayFile
 from serve.config.loader import ConfigError
 from serve.config.model_file import ModelFile
+from serve.deploy import layout
 from serve.deploy.spec import Autoscale
 
-PORT = 8000
-# Where the pods find their files (the templates under deploy/k8s mount the ConfigMaps and Secrets there).
-ENGINE_MODEL_FILE = "/etc/llmserve/model/model.yaml"
-GATEWAY_MODELS_DIR = "/etc/llmserve/models"
-GATEWAY_KEYS_FILE = "/etc/llmserve/keys/keys.yaml"
 GPU_RESOURCE = "nvidia.com/gpu"
 
 # preStop pauses: a terminating pod keeps serving while its removal from Service endpoints reaches kube-proxy, the
@@ -79,35 +75,51 @@ def discovery(model: ModelFile) -> Json:
     so each pod is an endpoint of its own (least-outstanding choice, health checks, ejection)."""
     if model.endpoints or model.discovery is not None:
         raise ConfigError(f"{model.name}: in Kubernetes the render step says where the engines are, not the file")
-    return {"discovery": {"name": engine_name(model), "port": PORT}}
+    return {"discovery": {"name": engine_name(model), "port": layout.PORT}}
 
 
 def gateway_settings(gateway: GatewayFile, models: list[ModelFile]) -> Json:
     """configs/gateway.yaml as the gateway pods read it: listening on all interfaces, the model files mounted."""
     data = gateway.model_dump(mode="json", exclude_unset=True)
     data.update(
-        host="0.0.0.0",
-        port=PORT,
-        keys_file=GATEWAY_KEYS_FILE,
-        models=[{"file": f"{GATEWAY_MODELS_DIR}/{slug(m.name)}.yaml"} for m in models],
+        host=layout.LISTEN_HOST,
+        port=layout.PORT,
+        keys_file=str(layout.KEYS_FILE),
+        models=[{"file": str(layout.GATEWAY_MODELS_DIR / f"{slug(m.name)}.yaml")} for m in models],
     )
     GatewayFile.model_validate(data)
     return data
 
 
 def gateway_patch(gateway: GatewayFile, image: str) -> Json:
+    container = {
+        "name": "gateway",
+        "image": image,
+        "args": layout.gateway_args(),
+        "ports": [layout.port()],
+        "env": [{"name": "HOME", "value": str(layout.GATEWAY_HOME)}],
+        "volumeMounts": layout.mounts(layout.GATEWAY_MOUNTS),
+        "lifecycle": prestop(GATEWAY_PRESTOP_SECONDS),
+    }
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": {"name": "llmserve-gateway"},
         "spec": {
             "template": {
-                "spec": {
-                    "terminationGracePeriodSeconds": gateway_grace_seconds(gateway),
-                    "containers": [{"name": "gateway", "image": image, "lifecycle": prestop(GATEWAY_PRESTOP_SECONDS)}],
-                }
+                "spec": {"terminationGracePeriodSeconds": gateway_grace_seconds(gateway), "containers": [container]}
             }
         },
+    }
+
+
+def engine_service_patch() -> Json:
+    """The engine's headless Service (either runtime): the port the gateway's discovery connects to."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "llmserve-engine"},
+        "spec": {"ports": [{"name": layout.PORT_NAME, "port": layout.PORT, "targetPort": layout.PORT_NAME}]},
     }
 
 
@@ -120,6 +132,9 @@ def deployment_patch(model: ModelFile, image: str) -> Json:
     engine: Json = {
         "name": "engine",
         "image": image,
+        "args": layout.engine_args(),
+        "ports": [layout.port()],
+        "volumeMounts": layout.mounts(layout.ENGINE_MOUNTS),
         "lifecycle": prestop(ENGINE_PRESTOP_SECONDS),
         "startupProbe": {
             "periodSeconds": STARTUP_PERIOD_SECONDS,
@@ -137,7 +152,14 @@ def deployment_patch(model: ModelFile, image: str) -> Json:
             "template": {
                 "spec": {
                     "terminationGracePeriodSeconds": engine_grace_seconds(model),
-                    "initContainers": [{"name": "prepare", "image": image}],
+                    "initContainers": [
+                        {
+                            "name": "prepare",
+                            "image": image,
+                            "args": layout.prepare_args(),
+                            "volumeMounts": layout.mounts(layout.PREPARE_MOUNTS),
+                        }
+                    ],
                     "containers": [engine],
                 }
             },
@@ -157,7 +179,12 @@ def ray_patch(model: ModelFile, image: str) -> list[Json]:
     grace = engine_grace_seconds(model)
     ops: list[tuple[str, str, object]] = [
         ("replace", f"{head}/containers/0/image", image),
+        ("add", f"{head}/containers/0/args", layout.engine_args()),
+        ("add", f"{head}/containers/0/ports/0", layout.port()),
+        ("add", f"{head}/containers/0/volumeMounts", layout.mounts(layout.ENGINE_MOUNTS)),
         ("replace", f"{head}/initContainers/0/image", image),
+        ("add", f"{head}/initContainers/0/args", layout.prepare_args()),
+        ("add", f"{head}/initContainers/0/volumeMounts", layout.mounts(layout.PREPARE_MOUNTS)),
         ("add", f"{head}/containers/0/lifecycle", prestop(ENGINE_PRESTOP_SECONDS)),
         ("replace", f"{head}/containers/0/startupProbe/periodSeconds", STARTUP_PERIOD_SECONDS),
         ("replace", f"{head}/containers/0/startupProbe/failureThreshold", startup_failure_threshold(model)),
@@ -166,6 +193,7 @@ def ray_patch(model: ModelFile, image: str) -> list[Json]:
         ("replace", f"{worker}/minReplicas", e.pipeline_parallel_size),
         ("replace", f"{worker}/maxReplicas", e.pipeline_parallel_size),
         ("replace", f"{worker}/template/spec/containers/0/image", image),
+        ("add", f"{worker}/template/spec/containers/0/volumeMounts", layout.mounts(layout.RAY_WORKER_MOUNTS)),
         ("replace", f"{gpus}/requests/nvidia.com~1gpu", str(e.tensor_parallel_size)),
         ("replace", f"{gpus}/limits/nvidia.com~1gpu", str(e.tensor_parallel_size)),
         ("add", f"{worker}/template/spec/terminationGracePeriodSeconds", grace),

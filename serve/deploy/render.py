@@ -14,12 +14,15 @@ import yaml
 
 from serve.config.gateway import GatewayFile
 from serve.config.loader import ConfigError, load_model, read_yaml
-from serve.config.model_file import ModelFile, load_model_file
+from serve.config.model_file import ModelFile, load_model_file, model_file_data
 from serve.deploy import manifests as m
+from serve.deploy.images import render_images
+from serve.deploy.layout import ENGINE_ENV
 from serve.deploy.spec import SPEC_FILE, ModelDeploy, OverlaySpec, load_overlay_spec
 
 K8S_DIR = Path("deploy/k8s")
 GENERATED = "generated"
+LAYOUT_SOURCE = Path("serve/deploy/layout.py")
 TEMPLATES = {"deployment": K8S_DIR / "engine", "ray": K8S_DIR / "ray"}
 
 
@@ -89,15 +92,17 @@ def render_engine(ov: Overlay, entry: ModelDeploy, model: ModelFile) -> dict[str
     template = os.path.relpath(ov.root / TEMPLATES[runtime], ov.path / GENERATED / directory)
     image = m.engine_image(ov.spec.registry, model, ov.version)
     resources = [template]
-    files = {f"{directory}/model.yaml": header(source) + (ov.root / source).read_text(encoding="utf-8")}
+    # The merged file (what it extends included): the pod has no other model file beside it.
+    files = {f"{directory}/model.yaml": dump(model_file_data(ov.root / source), source)}
     if runtime == "ray":
         if entry.autoscale is not None:
             raise ConfigError(f"{ov.path / SPEC_FILE}: {model.name} runs on Ray: its size is fixed, no autoscale")
         patch: dict[str, Any] = {"path": "patch.yaml", "target": {"kind": "RayCluster", "name": "llmserve-ray"}}
-        files[f"{directory}/patch.yaml"] = dump(m.ray_patch(model, image), source)
+        files[f"{directory}/patch.yaml"] = dump(m.ray_patch(model, image), source, LAYOUT_SOURCE)
     else:
         patch = {"path": "patch.yaml"}
-        files[f"{directory}/patch.yaml"] = dump(m.deployment_patch(model, image), source)
+        files[f"{directory}/patch.yaml"] = dump(m.deployment_patch(model, image), source, LAYOUT_SOURCE)
+    files[f"{directory}/service-patch.yaml"] = dump(m.engine_service_patch(), LAYOUT_SOURCE)
     if entry.autoscale is not None:
         if ov.namespace is None:
             raise ConfigError(f"{ov.path}/kustomization.yaml: autoscale needs the overlay's namespace")
@@ -112,19 +117,18 @@ def render_engine(ov: Overlay, entry: ModelDeploy, model: ModelFile) -> dict[str
         "nameSuffix": f"-{name}",
         "labels": [{"pairs": {"llmserve.io/model": name}, "includeSelectors": True}],
         "configMapGenerator": [{"name": "llmserve-model", "files": ["model.yaml"]}],
-        "patches": [patch],
+        "patches": [patch, {"path": "service-patch.yaml"}],
     }
     files[f"{directory}/kustomization.yaml"] = dump(kustomization, source)
     return files
 
 
 def gateway_model_file(ov: Overlay, entry: ModelDeploy, model: ModelFile) -> str:
-    """The model file as the gateway reads it: the same file, plus where the engine pods are."""
-    text = (ov.root / entry.file).read_text(encoding="utf-8").rstrip("\n") + "\n"
-    added = yaml.safe_dump(m.discovery(model), sort_keys=False)
-    text = f"{header(entry.file)}{text}# Added by the render step: the engines' headless Service.\n{added}"
-    ModelFile.model_validate(yaml.safe_load(text))
-    return text
+    """The model file as the gateway reads it: the same (merged) file, plus where the engine pods are, which is
+    the engines' headless Service."""
+    data = {**model_file_data(ov.root / entry.file), **m.discovery(model)}
+    ModelFile.model_validate(data)
+    return dump(data, entry.file)
 
 
 def render_overlay(root: Path, overlay: Path) -> dict[str, str]:
@@ -138,14 +142,15 @@ def render_overlay(root: Path, overlay: Path) -> dict[str, str]:
     model_files = [model for _, model in ov.models]
     for entry, model in ov.models:
         files[f"models/{m.slug(model.name)}.yaml"] = gateway_model_file(ov, entry, model)
-    files["gateway.yaml"] = dump(m.gateway_settings(ov.gateway, model_files), gateway_source, spec_file)
+    files["gateway.yaml"] = dump(m.gateway_settings(ov.gateway, model_files), gateway_source, spec_file, LAYOUT_SOURCE)
     image = m.gateway_image(ov.spec.registry, ov.version)
-    files["gateway-patch.yaml"] = dump(m.gateway_patch(ov.gateway, image), gateway_source, spec_file)
+    files["gateway-patch.yaml"] = dump(m.gateway_patch(ov.gateway, image), gateway_source, spec_file, LAYOUT_SOURCE)
     component = {
         "apiVersion": "kustomize.config.k8s.io/v1alpha1",
         "kind": "Component",
         "resources": [f"engine-{m.slug(model.name)}" for model in model_files],
         "configMapGenerator": [
+            {"name": "llmserve-engine-env", "literals": [f"{k}={v}" for k, v in ENGINE_ENV.items()]},
             {"name": "llmserve-gateway", "files": ["gateway.yaml"]},
             {
                 "name": "llmserve-models",
@@ -154,7 +159,7 @@ def render_overlay(root: Path, overlay: Path) -> dict[str, str]:
         ],
         "patches": [{"path": "gateway-patch.yaml"}],
     }
-    files["kustomization.yaml"] = dump(component, spec_file)
+    files["kustomization.yaml"] = dump(component, spec_file, LAYOUT_SOURCE)
     return dict(sorted(files.items()))
 
 
@@ -198,6 +203,15 @@ def run(root: Path, check: bool) -> int:
             continue
         for change in write_overlay(overlay, files):
             print(f"{where}: {change}")
+    for path, text in render_images(root).items():
+        if path.read_text(encoding="utf-8") == text:
+            continue
+        if check:
+            print(f"{path.relative_to(root)} is out of date: run `llmserve k8s render`", file=sys.stderr)
+            stale += 1
+        else:
+            path.write_text(text, encoding="utf-8")
+            print(f"{path.relative_to(root)}: wrote its generated tail")
     return 1 if stale else 0
 
 

@@ -141,3 +141,15 @@ def env_of(objs: list[Obj], container: Obj) -> dict[str, str]:
         if "value" in var:
             env[var["name"]] = var["value"]
     return env
+
+
+def launcher_argv(container: Obj) -> list[str]:
+    """The `llmserve ...` command line a container runs, whether direct or at the end of a shell script that
+    execs the launcher with the container's arguments (`bash -c SCRIPT NAME ARGS...`)."""
+    argv = list(container.get("command", [])) + list(container.get("args", []))
+    if argv[:1] == ["llmserve"]:
+        return argv
+    assert argv[:2] == ["/bin/bash", "-c"], f"{container['name']}: unexpected command {argv}"
+    lines = [line.strip() for line in argv[2].splitlines() if line.strip().startswith("exec llmserve")]
+    assert lines == ['exec llmserve "$@"'], f"{container['name']}: the script must exec the launcher once, on its args"
+    return ["llmserve", *argv[4:]]

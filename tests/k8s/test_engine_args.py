@@ -4,7 +4,6 @@ exactly what `llmserve engine` builds from the model file in configs/models, and
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,9 @@ import yaml
 from serve.cli import cmd_engine, parser
 from serve.config.model_file import RESERVED_FLAGS, ModelFile, load_model_file
 from serve.engine.command import build_engine_command, engine_args
-from tests.k8s.rendering import ROOT, Obj, PodTemplate, mount_source, pod_templates, source_models
+from tests.k8s.rendering import ROOT, Obj, PodTemplate, launcher_argv, mount_source, pod_templates, source_models
 
 WEIGHTS = "/models/prepared"
-
-
-def launcher_argv(container: Obj) -> list[str]:
-    """The `llmserve ...` command line a container runs, whether direct or at the end of a shell script."""
-    argv = list(container.get("command", [])) + list(container.get("args", []))
-    if argv[:1] == ["llmserve"]:
-        return argv
-    assert argv[:2] == ["/bin/bash", "-c"], f"{container['name']}: unexpected command {argv}"
-    lines = [line.strip() for line in argv[-1].splitlines() if line.strip().startswith("exec llmserve ")]
-    assert len(lines) == 1, f"{container['name']}: the script must exec the launcher once"
-    return shlex.split(lines[0])[1:]
 
 
 def parsed(container: Obj) -> argparse.Namespace:

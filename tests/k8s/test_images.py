@@ -3,6 +3,7 @@ manifests use are the ones these files build."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.k8s.rendering import OVERLAYS, ROOT, pod_templates, rendered
+from tests.k8s.rendering import OVERLAYS, ROOT, launcher_argv, pod_templates, rendered
 
 IMAGES = ROOT / "deploy" / "images"
 DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
@@ -105,3 +106,17 @@ def test_manifests_use_these_images_at_the_package_version() -> None:
                 assert tag == version, f"{c['image']}: tag is not the package version {version}"
                 used.add(name.rpartition("/")[2])
     assert used == built
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_images_default_to_what_the_pods_run(overlay: str) -> None:
+    """An image run by hand (docker run) starts what its pod starts, on the port the pod declares."""
+    for t in pod_templates(rendered(overlay)):
+        if t.component not in {"gateway", "engine"}:
+            continue
+        container = t.containers[0]
+        image = container["image"].rpartition(":")[0].rpartition("/")[2]
+        steps = dict(instructions(IMAGES / f"{image}.Dockerfile"))
+        assert json.loads(steps["ENTRYPOINT"]) == ["llmserve"]
+        assert json.loads(steps["CMD"]) == launcher_argv(container)[1:], t.owner
+        assert [int(steps["EXPOSE"])] == [p["containerPort"] for p in container["ports"] if p["name"] == "http"]
