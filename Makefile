@@ -2,9 +2,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-MODEL ?= configs/models/smollm2-135m-cpu.yaml
-HOST ?= 127.0.0.1
-PORT ?= 8000
 EXTRA ?= cpu
 # Bump when the install recipe below changes, so existing venvs are brought up to date.
 SETUP_VERSION := 2
@@ -26,8 +23,10 @@ $(STAMP): pyproject.toml Makefile
 	@rm -f $(VENV)/.llmserve-setup-*
 	@touch $@
 
+# MODEL=FILE, HOST=H and PORT=P are passed on when given; otherwise `llmserve up` uses its own defaults (the model
+# file in serve/config/settings.py, the address in configs/gateway.yaml and serve/config/gateway.py).
 run: setup
-	$(VENV)/bin/llmserve up --model $(MODEL) --host $(HOST) --port $(PORT)
+	$(VENV)/bin/llmserve up $(if $(MODEL),--model $(MODEL)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: setup lint typecheck
 	$(PY) -m pytest
