@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from serve.config.gateway import GatewayFile, ModelEntry
+from serve.config.gateway import GatewayFile, ModelEntry, keys_path
 from serve.config.keys import create_key, digest, load_keys
 from serve.config.model_file import ModelFile
 from serve.config.settings import ENGINE_KEY_ENV, StateFolder, environment
@@ -64,7 +64,7 @@ class Stack:
     @property
     def keys_path(self) -> Path:
         """Where the dev key is added and the gateway looks keys up: the gateway file's, else the state folder's."""
-        return (self.gateway_file.keys_file or self.state.keys_file).absolute()
+        return keys_path(self.gateway_file, Path.cwd(), self.state).absolute()
 
 
 def ensure_dev_key(keys_path: Path, key_path: Path) -> str:

@@ -88,15 +88,14 @@ class GatewaySettings:
     file: GatewayFile
     routes: tuple[ModelRoute, ...]
     engine_key: str | None
-    base_dir: Path
     keys_path: Path
 
 
-def keys_path(file: GatewayFile, base_dir: Path, state: StateFolder | None = None) -> Path:
+def keys_path(file: GatewayFile, base_dir: Path, state: StateFolder) -> Path:
     """The file's keys file, else the state folder's (the one `llmserve keys` manages)."""
     if file.keys_file is not None:
         return resolve_path(base_dir, file.keys_file)
-    return (state or environment().state).keys_file
+    return state.keys_file
 
 
 def resolve_gateway_paths(data: Data, folder: Path) -> Data:
@@ -120,11 +119,9 @@ def load_gateway_file(path: Path) -> GatewayFile:
     return validate(GatewayFile, path, resolve_gateway_paths(read_mapping(path, empty_ok=True), path.parent.absolute()))
 
 
-def build_settings(
-    file: GatewayFile, base_dir: Path, engine_key: str | None = None, state: StateFolder | None = None
-) -> GatewaySettings:
-    """Load the file's model files; relative paths left in `file` start at `base_dir`. The engine key and the
-    state folder default to the environment's."""
+def build_settings(file: GatewayFile, base_dir: Path, engine_key: str | None = None) -> GatewaySettings:
+    """Load the file's model files; relative paths left in `file` start at `base_dir`. The engine key is the
+    environment's unless given; without a keys_file the keys are the state folder's."""
     routes: list[ModelRoute] = []
     seen: dict[str, Path] = {}
     for entry in file.models:
@@ -147,13 +144,9 @@ def build_settings(
         routes.append(
             ModelRoute(model=model, endpoints=tuple(url.rstrip("/") for url in endpoints), tokenizer=tokenizer)
         )
-    if engine_key is None:
-        secret = environment().engine_key
-        engine_key = secret.get_secret_value() if secret else None
+    env = environment()
+    if engine_key is None and env.engine_key is not None:
+        engine_key = env.engine_key.get_secret_value()
     return GatewaySettings(
-        file=file,
-        routes=tuple(routes),
-        engine_key=engine_key or None,
-        base_dir=base_dir,
-        keys_path=keys_path(file, base_dir, state),
+        file=file, routes=tuple(routes), engine_key=engine_key or None, keys_path=keys_path(file, base_dir, env.state)
     )
