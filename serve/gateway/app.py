@@ -21,6 +21,7 @@ from serve.config.gateway import GatewaySettings
 from serve.gateway.asgi import Receive, Scope, Send, header, send_error
 from serve.gateway.context import CONTEXT, RequestContext
 from serve.gateway.drain import Drain
+from serve.gateway.engine_client import EngineHttpClient
 from serve.gateway.errors import ClientClosed, GatewayError, InternalError, MethodNotAllowed, NotFound
 from serve.gateway.keystore import KeyStore
 from serve.gateway.limits import create_limiter
@@ -32,7 +33,6 @@ from serve.gateway.proxy import Upstream
 from serve.gateway.routes import route_table
 from serve.gateway.state import GatewayState, ModelState
 from serve.gateway.tokens import TokenCounter
-from serve.gateway.upstream import HttpxEngineClient
 from serve.logs import request_id_var
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def http_client() -> httpx.AsyncClient:
 async def reload_keys(keystore: KeyStore) -> None:
     while True:
         await asyncio.sleep(KEYS_RELOAD_INTERVAL)
-        keystore.reload_if_changed()
+        await keystore.areload_if_changed()
 
 
 class Gateway:
@@ -65,11 +65,12 @@ class Gateway:
         self.settings = settings
         self.drain = drain
         self.metrics = GatewayMetrics()
-        self.keystore = KeyStore(settings.keys_path)
+        self.keystore = KeyStore(settings.keys_path, on_reload_error=self.metrics.keys_reload_errors.inc)
         self.routes = route_table()
         self.max_header_bytes = settings.file.max_header_bytes
         self.state: GatewayState | None = None
         self._resources = contextlib.AsyncExitStack()
+        self._background: set[asyncio.Future[bool]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -162,6 +163,8 @@ class Gateway:
             pools.append(pool)
             models.update(dict.fromkeys(route.model.names, ModelState(model=route.model, pool=pool, counter=counter)))
         client = await res.enter_async_context(http_client())
+        engines = EngineHttpClient()
+        res.push_async_callback(engines.aclose)
         limiter = create_limiter(settings.file.limits)
         res.push_async_callback(limiter.aclose)
         checker = HealthChecker(pools, client, settings.file.health_interval, self.metrics)
@@ -170,7 +173,7 @@ class Gateway:
         state = GatewayState(
             models=models,
             pools=pools,
-            upstream=Upstream(client=HttpxEngineClient(client), engine_key=settings.engine_key, metrics=self.metrics),
+            upstream=Upstream(client=engines, engine_key=settings.engine_key, metrics=self.metrics),
             keystore=self.keystore,
             metrics=self.metrics,
             drain=self.drain,
@@ -184,12 +187,18 @@ class Gateway:
         loop = asyncio.get_running_loop()
         # SIGHUP re-reads the keys file at once, whether or not it looks changed.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, self.keystore.reload_if_changed, True)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_now)
             res.callback(_remove_sighup, loop)
         for job in (checker.run(), reload_keys(self.keystore), self.drain.watch()):
             task = asyncio.create_task(job)
             res.push_async_callback(_cancel, task)
         self.state = state
+
+    def _reload_now(self) -> None:
+        """SIGHUP: re-read the keys file at once, whether or not it looks changed (parsed off the loop)."""
+        task = asyncio.ensure_future(self.keystore.areload_if_changed(True))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
 
 def _remove_sighup(loop: asyncio.AbstractEventLoop) -> None:

@@ -15,77 +15,117 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5)
 
+
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+class Labelled:
+    """A labelled metric whose children are remembered: `labels()` without the lock and tuple work per call."""
+
+    __slots__ = ("metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self.metric.labels(*values)
+        return child
 
 
 class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            "gateway_requests_total",
-            "Requests answered, by model, key id, route template and status class.",
-            ["model", "key", "route", "status_class"],
-            registry=r,
+        self.requests = Labelled(
+            Counter(
+                "gateway_requests_total",
+                "Requests answered, by model, key id, route template and status class.",
+                ["model", "key", "route", "status_class"],
+                registry=r,
+            )
         )
-        self.rate_limited = Counter(
-            "gateway_rate_limited_total",
-            "Requests refused by a key's limit, by limit.",
-            ["model", "key", "limit"],
-            registry=r,
+        self.rate_limited = Labelled(
+            Counter(
+                "gateway_rate_limited_total",
+                "Requests refused by a key's limit, by limit.",
+                ["model", "key", "limit"],
+                registry=r,
+            )
         )
-        self.retries = Counter(
-            "gateway_retries_total",
-            "Requests retried on another endpoint before the first byte.",
-            ["model"],
-            registry=r,
+        self.retries = Labelled(
+            Counter(
+                "gateway_retries_total",
+                "Requests retried on another endpoint before the first byte.",
+                ["model"],
+                registry=r,
+            )
         )
-        self.ejections = Counter(
-            "gateway_endpoint_ejections_total", "Endpoints ejected after consecutive failures.", ["model"], registry=r
+        self.ejections = Labelled(
+            Counter(
+                "gateway_endpoint_ejections_total",
+                "Endpoints ejected after consecutive failures.",
+                ["model"],
+                registry=r,
+            )
         )
-        self.itl = Histogram(
-            "gateway_inter_token_latency_seconds",
-            "Gaps between consecutive content events of a stream, as sent to the client.",
-            ["model"],
-            buckets=ITL_BUCKETS,
-            registry=r,
+        self.itl = Labelled(
+            Histogram(
+                "gateway_inter_token_latency_seconds",
+                "Gaps between consecutive content events of a stream, as sent to the client.",
+                ["model"],
+                buckets=ITL_BUCKETS,
+                registry=r,
+            )
         )
-        self.errors = Counter(
-            "gateway_errors_total",
-            "Requests that failed, by model and reason.",
-            ["model", "reason"],
-            registry=r,
+        self.errors = Labelled(
+            Counter(
+                "gateway_errors_total",
+                "Requests that failed, by model and reason.",
+                ["model", "reason"],
+                registry=r,
+            )
         )
-        self.duration = Histogram(
-            "gateway_request_duration_seconds",
-            "End-to-end request duration (to the last byte of a stream).",
-            ["model", "route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.duration = Labelled(
+            Histogram(
+                "gateway_request_duration_seconds",
+                "End-to-end request duration (to the last byte of a stream).",
+                ["model", "route"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
         )
-        self.ttft = Histogram(
-            "gateway_time_to_first_token_seconds",
-            "Time from request arrival to the first generated content sent to the client.",
-            ["model"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
+        self.ttft = Labelled(
+            Histogram(
+                "gateway_time_to_first_token_seconds",
+                "Time from request arrival to the first generated content sent to the client.",
+                ["model"],
+                buckets=TTFT_BUCKETS,
+                registry=r,
+            )
         )
-        self.overhead = Histogram(
-            "gateway_overhead_seconds",
-            "Time spent in the gateway before the upstream request is sent.",
-            ["model"],
-            buckets=OVERHEAD_BUCKETS,
-            registry=r,
+        self.overhead = Labelled(
+            Histogram(
+                "gateway_overhead_seconds",
+                "Time spent in the gateway before the upstream request is sent.",
+                ["model"],
+                buckets=OVERHEAD_BUCKETS,
+                registry=r,
+            )
         )
-        self.prompt_tokens = Counter(
-            "gateway_prompt_tokens_total", "Prompt tokens, from the engine's usage.", ["model"], registry=r
+        self.prompt_tokens = Labelled(
+            Counter("gateway_prompt_tokens_total", "Prompt tokens, from the engine's usage.", ["model"], registry=r)
         )
-        self.completion_tokens = Counter(
-            "gateway_completion_tokens_total",
-            "Completion tokens, from the engine's usage.",
-            ["model"],
-            registry=r,
+        self.completion_tokens = Labelled(
+            Counter(
+                "gateway_completion_tokens_total",
+                "Completion tokens, from the engine's usage.",
+                ["model"],
+                registry=r,
+            )
         )
         self.health_check_errors = Counter(
             "gateway_health_check_errors_total",

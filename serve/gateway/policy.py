@@ -79,7 +79,13 @@ def apply_policy(
     kind: Kind,
     counter: TokenCounter | None = None,
     session: str | None = None,
+    exact: bool = True,
 ) -> Prepared:
+    """The body to forward and what admission needs to know of it.
+
+    `exact=False` says that nothing needs the prompt's exact token count (the key has no tokens-per-minute limit
+    and routing does not hash the prompt): a prompt that clearly fits the context is then not tokenized.
+    """
     policy = model.policy
     check_shape(body, kind, policy)
     out = dict(body)
@@ -107,7 +113,11 @@ def apply_policy(
     prompt_tokens, affinity = 0, None
     if counter is not None:
         room = model.engine.max_model_len - max_tokens
-        info = counter.chat(out["messages"], room) if kind == "chat" else counter.completion(out["prompt"], room)
+        exact = exact or policy.routing.policy == "prefix_affinity"
+        if kind == "chat":
+            info = counter.chat(out["messages"], room, exact)
+        else:
+            info = counter.completion(out["prompt"], room, exact)
         if info.exact and info.longest > room:
             has = f"at least {info.longest}" if info.lower_bound else str(info.longest)
             raise BadRequest(

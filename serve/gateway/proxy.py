@@ -8,6 +8,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import orjson
+
 from serve.config.model_file import Timeouts
 from serve.gateway.asgi import Send, send_bytes
 from serve.gateway.context import RequestContext
@@ -187,8 +189,8 @@ class Proxy:
             raise UpstreamError(f"engine connection failed: {exc}") from None
         self.lease.succeeded()
         try:
-            usage = json.loads(body).get("usage")
-        except (ValueError, AttributeError, RecursionError):
+            usage = orjson.loads(body).get("usage")
+        except (orjson.JSONDecodeError, AttributeError):
             usage = None
             log.warning("engine answer is not a JSON object")
         if isinstance(usage, dict):

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
@@ -26,9 +27,12 @@ INLINE_BODY_BYTES = 64 * 1024
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise BadRequest("request body is not valid JSON (or nested too deeply)", code="invalid_json") from None
+        # orjson refuses what would fail later: invalid UTF-8, lone surrogates, nesting past 1,024 levels.
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest(
+            "request body is not valid JSON (or not UTF-8, or nested too deeply)", code="invalid_json"
+        ) from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
     return body
@@ -60,17 +64,19 @@ async def generate(
     check_access(ctx.key, model, requested)
     session_header = header(scope, model.policy.routing.session_header.lower().encode())
     session = session_header.decode("latin-1") if session_header is not None else None
+    assert ctx.key is not None
+    # Only a tokens-per-minute budget needs the prompt's exact count; a prompt that clearly fits is not tokenized.
+    exact = ctx.key.tpm is not None
     if off_loop:
-        prepared = await asyncio.to_thread(apply_policy, body, model, kind, found.counter, session)
+        prepared = await asyncio.to_thread(apply_policy, body, model, kind, found.counter, session, exact)
     else:
-        prepared = apply_policy(body, model, kind, found.counter, session)
+        prepared = apply_policy(body, model, kind, found.counter, session, exact)
     metrics = state.metrics
     try:
         lease = ctx.resources.enter_context(found.pool.lease(prepared.affinity))
     except Unavailable as exc:
         metrics.errors.labels(model.name, "overloaded" if exc.code == "overloaded" else "unavailable").inc()
         raise
-    assert ctx.key is not None
     try:
         ticket = await state.limiter.acquire(ctx.key, prepared.reserve_tokens)
     except RateLimited as exc:
@@ -84,7 +90,7 @@ async def generate(
     ctx.headers.update(ticket.headers)
     ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
     ctx.watch_client(receive)
-    content = json.dumps(prepared.body, separators=(",", ":")).encode()
+    content = orjson.dumps(prepared.body)
     forward = Forward(path, content, prepared.stream, prepared.strip_usage, model.policy.timeouts)
     await Proxy(state.upstream, ctx, lease, forward).answer(send)
 
@@ -111,7 +117,10 @@ async def readyz(state: GatewayState, ctx: RequestContext, scope: Scope, receive
     if waiting:
         await send_error(ctx, send, Unavailable(f"no healthy engine yet for: {', '.join(waiting)}", code="not_ready"))
         return
-    body = {"status": "ready", "models": [pool.model for pool in state.pools]}
+    # Whether the keys in force are the file's (a broken or deleted file keeps the last good keys): a revocation
+    # written to a broken file has not taken effect. The message stays in the log; it may quote the file.
+    keys = "stale" if state.keystore.last_error else "ok"
+    body = {"status": "ready", "models": [pool.model for pool in state.pools], "keys": keys}
     await send_bytes(ctx, send, 200, json.dumps(body).encode())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,10 @@ log = logging.getLogger(__name__)
 
 # Without a tokenizer: English averages ~4 characters a token; 3 over-counts, which is the safe side for limits.
 CHARS_PER_TOKEN_ESTIMATE = 3
+# Exact counts remembered (by the prompt's hash), and template scaffolding sizes remembered (by the roles).
+CACHE_ENTRIES = 2048
+# Tokens a tokenizer may add beyond the bytes of a text (a dummy prefix, a BOS of its own): the bound's margin.
+BOUND_SLACK = 8
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,8 @@ class PromptInfo:
     prefix_key: str
     # Counting stopped at a cheap bound that already exceeds the room left: `tokens` is a lower bound.
     lower_bound: bool = False
+    # Counting stopped at a cheap bound that fits the room left: `tokens` is an upper bound.
+    upper_bound: bool = False
 
 
 def _raise(message: str) -> None:
@@ -53,6 +60,8 @@ class TokenCounter:
             env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
             self.template = env.from_string(source)
         self.special = self._special_tokens(folder)
+        self._counts: OrderedDict[int, PromptInfo] = OrderedDict()
+        self._scaffolding: OrderedDict[tuple[str, ...], int] = OrderedDict()
 
     @staticmethod
     def _template_source(folder: Path) -> str | None:
@@ -89,7 +98,59 @@ class TokenCounter:
         key = hashlib.blake2b(head_bytes, digest_size=8).hexdigest()
         return PromptInfo(len(ids), exact=True, longest=len(ids), prefix_key=key)
 
-    def chat(self, messages: list[dict[str, Any]], room: int | None = None) -> PromptInfo:
+    def chat(self, messages: list[dict[str, Any]], room: int | None = None, exact: bool = True) -> PromptInfo:
+        """The prompt's tokens through the chat template.
+
+        With `exact=False` (nothing needs the exact count, only that the prompt fits) a bound that fits `room` is
+        answered without rendering or tokenizing: every token covers at least one byte, so the bytes of the
+        template's scaffolding plus those of the contents bound the count from above.
+        """
+        if self.tokenizer is None:
+            return self._chat(messages, room)
+        if not exact and room is not None:
+            upper = self._chat_upper_bound(messages)
+            if upper is not None and upper <= room:
+                return PromptInfo(upper, exact=False, longest=upper, prefix_key="", upper_bound=True)
+        key = _cache_key(messages)
+        if key is None:
+            return self._chat(messages, room)
+        found = self._counts.get(key)
+        if found is not None:
+            self._counts.move_to_end(key)
+            return found
+        info = self._chat(messages, room)
+        if not info.lower_bound:  # a bound depends on the room it was checked against; a count does not
+            self._remember(self._counts, key, info)
+        return info
+
+    def _chat_upper_bound(self, messages: list[dict[str, Any]]) -> int | None:
+        roles: list[str] = []
+        size = 0
+        for m in messages:
+            role, content = m.get("role"), m.get("content")
+            if len(m) != 2 or not isinstance(role, str) or not isinstance(content, str):
+                return None  # tools, names, parts: the template may render them; count exactly
+            roles.append(role)
+            size += len(content.encode("utf-8", "surrogatepass"))
+        shape = tuple(roles)
+        scaffolding = self._scaffolding.get(shape)
+        if scaffolding is None:
+            empty = [{"role": role, "content": ""} for role in roles]
+            try:
+                text = self.template.render(messages=empty, add_generation_prompt=True, **self.special)
+            except Exception:
+                text = "\n".join(f"{role}: " for role in roles)
+            scaffolding = len(text.encode("utf-8"))
+            self._remember(self._scaffolding, shape, scaffolding)
+        return scaffolding + size + len(messages) + BOUND_SLACK
+
+    @staticmethod
+    def _remember(cache: OrderedDict[Any, Any], key: Any, value: Any) -> None:
+        cache[key] = value
+        if len(cache) > CACHE_ENTRIES:
+            cache.popitem(last=False)
+
+    def _chat(self, messages: list[dict[str, Any]], room: int | None = None) -> PromptInfo:
         if self.template is not None:
             try:
                 text = self.template.render(messages=messages, add_generation_prompt=True, **self.special)
@@ -98,7 +159,11 @@ class TokenCounter:
                 log.debug("chat template did not render: %s", exc)
         return self._info("\n".join(_message_text(m) for m in messages), add_special=True, room=room)
 
-    def completion(self, prompt: object, room: int | None = None) -> PromptInfo:
+    def completion(self, prompt: object, room: int | None = None, exact: bool = True) -> PromptInfo:
+        if not exact and room is not None and self.tokenizer is not None and isinstance(prompt, str):
+            upper = len(prompt.encode("utf-8", "surrogatepass")) + BOUND_SLACK
+            if upper <= room:
+                return PromptInfo(upper, exact=False, longest=upper, prefix_key="", upper_bound=True)
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
             ids = [int(t) for t in prompt]
             key = hashlib.blake2b(json.dumps(ids[: self.prefix_tokens]).encode(), digest_size=8).hexdigest()
@@ -114,6 +179,17 @@ class TokenCounter:
                 prefix_key=infos[0].prefix_key,
             )
         return self._info(str(prompt), add_special=True, room=room)
+
+
+def _cache_key(messages: list[dict[str, Any]]) -> int | None:
+    """A hash of plain role/content messages (str hashes are SipHash, seeded per process), None for anything else."""
+    pairs = []
+    for m in messages:
+        role, content = m.get("role"), m.get("content")
+        if len(m) != 2 or not isinstance(role, str) or not isinstance(content, str):
+            return None
+        pairs.append((role, content))
+    return hash(tuple(pairs))
 
 
 def _message_text(message: dict[str, Any]) -> str:

@@ -82,3 +82,27 @@ def test_smollm2_template_matches_the_engine_count() -> None:
         pytest.skip("the bundled model has not been converted on this machine yet (the e2e tests convert it)")
     info = TokenCounter(folder, 16).chat([{"role": "user", "content": "What is the capital of France?"}])
     assert info.exact and info.tokens == 37
+
+
+def test_a_bound_answers_when_nothing_needs_the_exact_count(folder: Path) -> None:
+    counter = TokenCounter(folder, prefix_tokens=4)
+    messages = [{"role": "user", "content": "hello world the end"}]
+    exact = counter.chat(messages)
+    fast = counter.chat(messages, room=1000, exact=False)
+    assert fast.upper_bound and not fast.exact and fast.tokens >= exact.tokens
+    # Where the bound does not fit the room, the count is exact again (and the context check applies).
+    tight = counter.chat(messages, room=exact.tokens, exact=False)
+    assert tight.exact and tight.tokens == exact.tokens
+    assert counter.completion("hello world", room=1000, exact=False).upper_bound
+
+
+def test_the_bound_is_never_below_the_real_count() -> None:
+    folder = Path.home() / ".cache/llmserve/models/smollm2-135m-instruct"
+    if not (folder / "tokenizer.json").is_file():
+        pytest.skip("the bundled model has not been converted on this machine yet (the e2e tests convert it)")
+    counter = TokenCounter(folder, 16)
+    texts = ["What is the capital of France?", "  spaces   and\n\nnewlines ", "émigré naïve façade", "数字 123 🙂", ""]
+    for text in texts:
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}]
+        bound = counter.chat(messages, room=10_000, exact=False)
+        assert bound.upper_bound and bound.tokens >= counter.chat(messages).tokens, text
