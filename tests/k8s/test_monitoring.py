@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.metrics_core import GaugeMetricFamily
 
 from serve.gateway.metrics import GatewayMetrics
 from tests.k8s.rendering import K8S, OVERLAYS, of_kind, rendered
@@ -25,20 +24,20 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), 
 
 
 def gateway_series() -> dict[str, set[str]]:
+    """Every series the gateway's registry can export, with its label names, observed or not."""
     series: dict[str, set[str]] = {}
     metrics = GatewayMetrics()
-    for metric in vars(metrics).values():
-        if isinstance(metric, MetricWrapperBase):
-            labels = set(metric._labelnames)  # noqa: SLF001 (label names of a metric not observed yet)
-            for family in metric.describe():
+    # The endpoint gauges are read from the pools at scrape time; with no pools the collector still yields them.
+    metrics.watch_pools(list)
+    for collector in list(metrics.registry._collector_to_names):  # noqa: SLF001 (metrics not observed yet too)
+        if isinstance(collector, MetricWrapperBase):
+            labels = set(collector._labelnames)  # noqa: SLF001
+            for family in collector.describe():
                 for suffix in SUFFIXES.get(family.type, ("",)):
                     series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
-    # The endpoint gauges are read from the pools at scrape time, by a collector of their own: with no pools it
-    # still yields each family and its label names.
-    metrics.watch_pools(list)
-    for family in metrics.registry.collect():
-        if isinstance(family, GaugeMetricFamily):
-            series[family.name] = set(family._labelnames)  # noqa: SLF001
+        else:
+            for family in collector.collect():
+                series[family.name] = set(getattr(family, "_labelnames", ()))
     assert {"gateway_requests_total", "gateway_inflight_requests", "gateway_endpoint_up"} <= series.keys()
     return series
 
