@@ -134,8 +134,11 @@ class Routing(Strict):
     prefix_tokens: int = Field(default=256, gt=0)
     # Requests in flight across the pool beyond which new ones get 503 (None: no cap).
     max_inflight: int | None = Field(default=None, gt=0)
-    # Consecutive failures (connect errors, 5xx, timeouts) after which an endpoint is ejected until healthy again.
+    # Consecutive failures after which an endpoint is ejected until it passes a health check again. Connect errors
+    # always count; engine errors (5xx, timeouts, broken streams) count only once they come from at least
+    # `eject_min_keys` different API keys, so one tenant's requests cannot get a healthy engine ejected for all.
     eject_after: int = Field(default=3, gt=0)
+    eject_min_keys: int = Field(default=2, ge=1)
     # Path of each endpoint that answers 200 when it can take requests (vLLM: /health; Ray Serve: see ray).
     health_path: str = Field(default="/health", pattern=r"^/")
 

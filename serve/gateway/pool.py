@@ -25,8 +25,15 @@ class Endpoint:
     healthy: bool = False
     # Leases held on this endpoint: the only count of requests in flight.
     outstanding: int = 0
-    # Consecutive failures seen by the proxy; reset by a success or a passed health check.
+    # Consecutive failures seen by the proxy, and the API keys whose requests failed in that run; reset by a
+    # success or a passed health check.
     failures: int = 0
+    failing_keys: set[str] = field(default_factory=set)
+    connect_failures: int = 0
+
+    def reset(self) -> None:
+        self.failures = self.connect_failures = 0
+        self.failing_keys.clear()
 
 
 def rendezvous(key: str, endpoints: list[Endpoint]) -> Endpoint:
@@ -58,11 +65,12 @@ class Lease:
         return True
 
     def succeeded(self) -> None:
-        self.endpoint.failures = 0
+        if self.endpoint.failures:
+            self.endpoint.reset()
 
-    def failed(self) -> bool:
-        """Count a failure of this endpoint; True when it was ejected by it."""
-        return self.pool.record_failure(self.endpoint)
+    def failed(self, key_id: str, connect: bool = False) -> bool:
+        """Count a failure of this endpoint for a request of this key; True when it ejected the endpoint."""
+        return self.pool.record_failure(self.endpoint, key_id, connect)
 
 
 @dataclass(eq=False)
@@ -117,10 +125,24 @@ class EndpointPool:
         finally:
             held.endpoint.outstanding -= 1
 
-    def record_failure(self, endpoint: Endpoint) -> bool:
+    def record_failure(self, endpoint: Endpoint, key_id: str, connect: bool) -> bool:
+        """Eject on what belongs to the engine: connect errors, or failures seen by several keys."""
         endpoint.failures += 1
-        if endpoint.healthy and endpoint.failures >= self.routing.eject_after:
-            log.warning("ejecting %s of %s after %d failures", endpoint.url, self.model, endpoint.failures)
+        endpoint.failing_keys.add(key_id)
+        if connect:
+            endpoint.connect_failures += 1
+        routing = self.routing
+        engine_fault = endpoint.connect_failures >= routing.eject_after or (
+            endpoint.failures >= routing.eject_after and len(endpoint.failing_keys) >= routing.eject_min_keys
+        )
+        if endpoint.healthy and engine_fault:
+            log.warning(
+                "ejecting %s of %s after %d failures (%d keys)",
+                endpoint.url,
+                self.model,
+                endpoint.failures,
+                len(endpoint.failing_keys),
+            )
             endpoint.healthy = False
             return True
         return False
@@ -150,7 +172,7 @@ class HealthChecker:
             log.info("endpoint %s of %s is now %s", endpoint.url, pool.model, "up" if healthy else "down")
         endpoint.healthy = healthy
         if healthy:
-            endpoint.failures = 0
+            endpoint.reset()
 
     async def probe(self, pool: EndpointPool, endpoint: Endpoint) -> None:
         try:

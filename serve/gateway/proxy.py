@@ -23,6 +23,8 @@ from serve.protocol.stream import MAX_EVENT_BYTES
 log = logging.getLogger(__name__)
 
 ERROR_BODY_LIMIT = 16 * 1024
+# Failures that say nothing about the engine.
+CLIENT_FAULTS = frozenset({"client_write_timeout"})
 ERROR_BODY_SECONDS = 5.0
 
 
@@ -88,12 +90,15 @@ class Proxy:
         self.forward = forward
 
     def failed(self, reason: str) -> None:
-        """Count a failure by reason; those that belong to the engine count towards ejecting it."""
-        metrics, model = self.upstream.metrics, self.ctx.model
-        metrics.errors.labels(model, reason).inc()
-        self.ctx.failure = reason
-        if reason != "client_write_timeout" and self.lease.failed():
-            metrics.ejections.labels(model).inc()
+        """Count a failure by reason; those that may be the engine's count towards ejecting it."""
+        ctx, metrics = self.ctx, self.upstream.metrics
+        metrics.errors.labels(ctx.model, reason).inc()
+        ctx.failure = reason
+        if reason in CLIENT_FAULTS:
+            return
+        key_id = ctx.key.id if ctx.key is not None else "none"
+        if self.lease.failed(key_id, connect=reason == "connect_error"):
+            metrics.ejections.labels(ctx.model).inc()
 
     def remaining(self, limit: float) -> float:
         return max(0.0, self.ctx.start + limit - time.perf_counter())

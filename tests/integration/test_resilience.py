@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.config.keys import create_key
 from tests.integration.conftest import Gateway, gateway_for, model_file
 from tests.integration.fake_engine import FakeEngine
 from tests.metrics_text import metric_sum
@@ -102,7 +103,8 @@ def test_failing_endpoint_is_ejected_and_comes_back_when_healthy(
 ) -> None:
     (bad, bad_url), (good, _) = engines
     bad.mode, bad.status = "status", 500
-    with one_model(tmp_path, engines, {"routing": {"eject_after": 2}}, health_interval=0.3) as gw:
+    routing = {"routing": {"eject_after": 2, "eject_min_keys": 1}}
+    with one_model(tmp_path, engines, routing, health_interval=0.3) as gw:
         bad.healthy = False  # its health check fails too, so only a passed check can bring it back
         codes = [post(gw, CHAT).status_code for _ in range(6)]
         assert codes.count(502) == 2, codes  # two failures, then ejected: the rest go to the good endpoint
@@ -115,6 +117,32 @@ def test_failing_endpoint_is_ejected_and_comes_back_when_healthy(
         while metric_sum(httpx.get(f"{gw.url}/metrics").text, "gateway_endpoint_up", endpoint=bad_url) != 1:
             assert time.monotonic() < deadline, "endpoint did not come back after passing its health check"
             time.sleep(0.1)
+
+
+def test_one_keys_failures_do_not_eject_a_healthy_engine(tmp_path: Path, engines: list[tuple[FakeEngine, str]]) -> None:
+    """A tenant whose requests make the engine fail must not get it ejected for everyone (the default policy)."""
+    fake = engines[0][0]
+    with one_model(tmp_path, engines[:1], {}) as gw:
+        other, _ = create_key(gw.keys_path, "other")
+        wait_for_key(gw, other)
+        fake.mode, fake.status = "status", 500
+        assert [post(gw, CHAT).status_code for _ in range(6)] == [502] * 6
+        fake.mode = "ok"
+        assert post(gw, CHAT, authorization=f"Bearer {other}").status_code == 200
+        assert metric_sum(httpx.get(f"{gw.url}/metrics").text, "gateway_endpoint_ejections_total") == 0
+        # Failures seen by two keys are the engine's: it is ejected.
+        fake.mode = "status"
+        codes = [post(gw, CHAT, authorization=f"Bearer {k}").status_code for k in (gw.key, other, gw.key)]
+        assert codes == [502] * 3, codes
+        assert metric_sum(httpx.get(f"{gw.url}/metrics").text, "gateway_endpoint_ejections_total") == 1
+
+
+def wait_for_key(gw: Gateway, key: str) -> None:
+    """The gateway picks up a changed keys file on its own, within seconds."""
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{gw.v1}/models", headers={"authorization": f"Bearer {key}"}).status_code == 401:
+        assert time.monotonic() < deadline, "the new key was not picked up"
+        time.sleep(0.2)
 
 
 def test_overloaded_model_is_503_with_retry_after(tmp_path: Path, engines: list[tuple[FakeEngine, str]]) -> None:
