@@ -58,10 +58,11 @@ class GatewayFile(Strict):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(default=32 * 1024, gt=0)
     # The HTTP server's guards against slow clients (serve/gateway/http_protocol.py): seconds from a connection's
-    # opening (or a request's first byte) to the end of its head, seconds from there to the end of its body, and the
-    # connections one gateway process holds at once (past it: 503 with Retry-After).
+    # opening (or a request's first byte) to the end of its head; seconds a body may take, plus one more for every
+    # body_min_rate bytes of it that arrived; connections one gateway process holds (past it: 503 with Retry-After).
     header_timeout: float = Field(default=10.0, gt=0)
-    body_timeout: float = Field(default=30.0, gt=0)
+    body_timeout: float = Field(default=10.0, gt=0)
+    body_min_rate: int = Field(default=8 * 1024, gt=0)
     max_connections: int = Field(default=4096, gt=0)
     # Gateway processes sharing the port. Per-key limits are shared between them only with limits.backend redis.
     workers: int = Field(default=1, ge=1)
@@ -69,6 +70,8 @@ class GatewayFile(Strict):
     # Seconds requests in flight may take to finish after SIGTERM.
     drain_timeout: float = Field(default=30.0, ge=0)
     log_level: str = "info"
+    # Serve the OpenAPI document at /openapi.json (off: it names every served model to anyone who asks).
+    openapi: bool = False
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
 
@@ -89,6 +92,8 @@ class GatewaySettings:
     routes: tuple[ModelRoute, ...]
     engine_key: str | None
     keys_path: Path
+    # The bearer key /metrics asks for; None: /metrics answers loopback clients only.
+    metrics_key: str | None = None
 
 
 def keys_path(file: GatewayFile, base_dir: Path, state: StateFolder) -> Path:
@@ -148,5 +153,9 @@ def build_settings(file: GatewayFile, base_dir: Path, engine_key: str | None = N
     if engine_key is None and env.engine_key is not None:
         engine_key = env.engine_key.get_secret_value()
     return GatewaySettings(
-        file=file, routes=tuple(routes), engine_key=engine_key or None, keys_path=keys_path(file, base_dir, env.state)
+        file=file,
+        routes=tuple(routes),
+        engine_key=engine_key or None,
+        keys_path=keys_path(file, base_dir, env.state),
+        metrics_key=env.metrics_key.get_secret_value() if env.metrics_key is not None else None,
     )

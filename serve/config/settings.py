@@ -81,6 +81,8 @@ class Environment(BaseSettings):
     engine_key: SecretStr | None = None
     # Redis for per-key limits shared by gateway replicas (limits.backend: redis); a URL may hold a password.
     redis_url: SecretStr | None = None
+    # The bearer key /metrics asks for (Prometheus' scrape credentials). Unset: /metrics answers loopback only.
+    metrics_key: SecretStr | None = None
 
     @field_validator("redis_url")
     @classmethod

@@ -66,7 +66,7 @@ class Gateway:
         self.drain = drain
         self.metrics = GatewayMetrics()
         self.keystore = KeyStore(settings.keys_path, on_reload_error=self.metrics.keys_reload_errors.inc)
-        self.routes = route_table()
+        self.routes = route_table(settings.file.openapi)
         self.max_header_bytes = settings.file.max_header_bytes
         self.state: GatewayState | None = None
         self._resources = contextlib.AsyncExitStack()
@@ -181,6 +181,7 @@ class Gateway:
             max_body_bytes=settings.file.max_body_bytes,
             created=int(time.time()),
             openapi=json.dumps(openapi_document(names)).encode(),
+            metrics_key=settings.metrics_key,
         )
         self.metrics.watch_pools(lambda: state.pools)
         self.drain.inflight = lambda: state.inflight

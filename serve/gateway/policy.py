@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from serve.config.keys import KeyRecord
 from serve.config.model_file import ModelFile, Policy
-from serve.gateway.errors import BadRequest, Forbidden
+from serve.gateway.errors import BadRequest, NotFound
 from serve.gateway.tokens import TokenCounter
 
 Kind = Literal["chat", "completion"]
@@ -69,8 +69,9 @@ def check_shape(body: dict[str, Any], kind: Kind, policy: Policy) -> None:
 
 
 def check_access(key: KeyRecord | None, model: ModelFile, requested: str) -> None:
+    """A model the key may not use answers exactly as one that does not exist: a key learns nothing of others'."""
     if key is not None and key.models and not set(key.models) & set(model.names):
-        raise Forbidden(f"this API key may not use the model {requested!r}", param="model")
+        raise NotFound(f"The model {requested!r} does not exist.", param="model", code="model_not_found")
 
 
 def apply_policy(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
 from serve.gateway.context import RequestContext
-from serve.gateway.errors import BadRequest, NotFound, RateLimited, Unavailable
+from serve.gateway.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from serve.gateway.policy import Kind, apply_policy, check_access
 from serve.gateway.proxy import Forward, Proxy
 from serve.gateway.state import GatewayState
@@ -110,21 +111,35 @@ async def healthz(state: GatewayState, ctx: RequestContext, scope: Scope, receiv
 
 
 async def readyz(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    """Readiness for a load balancer: no model names (they are for keys that may see them), counts only."""
     if state.drain.active:
         await send_error(ctx, send, Unavailable("the gateway is shutting down", code="draining"))
         return
-    waiting = [pool.model for pool in state.pools if not pool.ready]
+    waiting = sum(1 for pool in state.pools if not pool.ready)
     if waiting:
-        await send_error(ctx, send, Unavailable(f"no healthy engine yet for: {', '.join(waiting)}", code="not_ready"))
+        message = f"no healthy engine yet for {waiting} of {len(state.pools)} models"
+        await send_error(ctx, send, Unavailable(message, code="not_ready"))
         return
     # Whether the keys in force are the file's (a broken or deleted file keeps the last good keys): a revocation
     # written to a broken file has not taken effect. The message stays in the log; it may quote the file.
     keys = "stale" if state.keystore.last_error else "ok"
-    body = {"status": "ready", "models": [pool.model for pool in state.pools], "keys": keys}
-    await send_bytes(ctx, send, 200, json.dumps(body).encode())
+    await send_bytes(ctx, send, 200, json.dumps({"status": "ready", "keys": keys}).encode())
+
+
+LOOPBACK = ("127.", "::1", "::ffff:127.")
 
 
 async def metrics(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+    """Prometheus text: with the metrics key (LLMSERVE_METRICS_KEY) as bearer, or from loopback when none is set.
+
+    The series name key ids and the engines' URLs: nothing for an anonymous client on the network."""
+    if state.metrics_key is not None:
+        presented = header(scope, b"authorization") or b""
+        expected = b"Bearer " + state.metrics_key.encode()
+        if not hmac.compare_digest(presented, expected):
+            raise Unauthorized("/metrics needs the metrics key: Authorization: Bearer <LLMSERVE_METRICS_KEY>")
+    elif not (ctx.client or "").startswith(LOOPBACK):
+        raise Forbidden("/metrics answers loopback clients only unless LLMSERVE_METRICS_KEY is set", code="forbidden")
     text = generate_latest(state.metrics.registry)
     await send_bytes(ctx, send, 200, text, CONTENT_TYPE_LATEST.encode())
 
@@ -140,7 +155,7 @@ async def openapi(state: GatewayState, ctx: RequestContext, scope: Scope, receiv
     await send_bytes(ctx, send, 200, state.openapi)
 
 
-def route_table() -> dict[str, Route]:
+def route_table(openapi_document: bool) -> dict[str, Route]:
     table: dict[str, dict[str, Handler]] = {
         "/v1/chat/completions": {"POST": generation("chat", "/v1/chat/completions")},
         "/v1/completions": {"POST": generation("completion", "/v1/completions")},
@@ -148,6 +163,7 @@ def route_table() -> dict[str, Route]:
         "/healthz": {"GET": healthz},
         "/readyz": {"GET": readyz},
         "/metrics": {"GET": metrics},
-        "/openapi.json": {"GET": openapi},
     }
+    if openapi_document:
+        table["/openapi.json"] = {"GET": openapi}
     return {path: Route(methods, path) for path, methods in table.items()}

@@ -35,6 +35,8 @@ class GatewayState:
     created: int
     # The OpenAPI document, rendered once.
     openapi: bytes
+    # The bearer key /metrics asks for; None: loopback clients only.
+    metrics_key: str | None = None
 
     @property
     def inflight(self) -> int:

@@ -18,8 +18,10 @@ from tests.servers import run_server
 def fuzzed_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     tmp = tmp_path_factory.mktemp("fuzz")
     engine = FakeEngine()
-    with run_server(engine.app()) as url, gateway_for(tmp, [model_file(tmp, "m", url, ["alias"])], engine) as gw:
-        yield gw
+    with run_server(engine.app()) as url:
+        models = [model_file(tmp, "m", url, ["alias"])]
+        with gateway_for(tmp, models, engine, openapi=True) as gw:
+            yield gw
 
 
 @pytest.fixture(scope="module")

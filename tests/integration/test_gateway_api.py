@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -10,7 +12,9 @@ import pytest
 from openai import OpenAI
 
 from serve.config.keys import create_key
-from tests.integration.conftest import ENGINE_KEY, Gateway
+from serve.gateway.errors import Forbidden
+from tests.integration.conftest import ENGINE_KEY, Gateway, gateway_for, model_file
+from tests.integration.fake_engine import FakeEngine
 from tests.metrics_text import metric_sum
 
 
@@ -61,10 +65,21 @@ def test_key_limited_to_a_model(gateway: Gateway) -> None:
             assert time.monotonic() < deadline, "new key not picked up"
             time.sleep(0.2)
     assert ids == {"fake-model", "fake"}
-    with pytest.raises(openai.PermissionDeniedError):
-        client(gateway, limited).chat.completions.create(
-            model="dead-model", messages=[{"role": "user", "content": "x"}]
-        )
+    # A model the key may not use answers exactly as one that does not exist.
+    hidden = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "dead-model", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": f"Bearer {limited}"},
+    )
+    unknown = httpx.post(
+        f"{gateway.v1}/chat/completions",
+        json={"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]},
+        headers={"authorization": f"Bearer {limited}"},
+    )
+    assert hidden.status_code == unknown.status_code == 404
+    assert hidden.json()["error"]["message"].replace("dead-model", "X") == unknown.json()["error"]["message"].replace(
+        "no-such-model", "X"
+    )
 
 
 def test_wrong_and_missing_key_are_401_envelopes(gateway: Gateway) -> None:
@@ -154,7 +169,9 @@ def test_health_and_readiness(gateway: Gateway) -> None:
     # dead-model has no live engine: the gateway is not ready.
     ready = httpx.get(f"{gateway.url}/readyz")
     assert_envelope(ready, 503, "not_ready")
-    assert "dead-model" in ready.json()["error"]["message"]
+    # Readiness names no model (unauthenticated callers learn only counts).
+    message = ready.json()["error"]["message"]
+    assert "1 of 2" in message and "dead-model" not in message and "fake" not in message
 
 
 def test_readiness_follows_engine_health(tmp_path: object, fake_engine: tuple[object, str]) -> None:
@@ -212,3 +229,35 @@ def test_metrics_count_requests_and_tokens(gateway: Gateway) -> None:
     assert metric_sum(text, "gateway_inter_token_latency_seconds_count", model="fake-model") == 2
     assert metric_sum(text, "gateway_overhead_seconds_count", model="fake-model") == 2
     assert gateway.key not in text
+
+
+def test_no_api_description_by_default(gateway: Gateway) -> None:
+    for path in ("/openapi.json", "/docs", "/redoc"):
+        assert_envelope(httpx.get(f"{gateway.url}{path}"), 404)
+
+
+def test_metrics_ask_for_the_metrics_key_when_one_is_set(
+    tmp_path: Path, fake_engine: tuple[FakeEngine, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LLMSERVE_METRICS_KEY", "metrics-secret")
+    engine, url = fake_engine
+    with gateway_for(tmp_path, [model_file(tmp_path, "m", url, [])], engine) as gw:
+        assert_envelope(httpx.get(f"{gw.url}/metrics"), 401)
+        assert_envelope(httpx.get(f"{gw.url}/metrics", headers={"authorization": f"Bearer {gw.key}"}), 401)
+        ok = httpx.get(f"{gw.url}/metrics", headers={"authorization": "Bearer metrics-secret"})
+        assert ok.status_code == 200 and "gateway_requests_total" in ok.text
+
+
+def test_metrics_without_a_key_answer_loopback_only() -> None:
+    """Without LLMSERVE_METRICS_KEY a client from the network is refused (driven here without a socket)."""
+    from serve.gateway.context import RequestContext
+    from serve.gateway.routes import metrics
+
+    state = type("State", (), {"metrics_key": None})()
+    ctx = RequestContext(id="r", start=0.0, route="/metrics", client="10.1.2.3")
+    with pytest.raises(Forbidden):
+        asyncio.run(metrics(state, ctx, {"headers": []}, _never, _never))  # type: ignore[arg-type]
+
+
+async def _never(*_: object) -> object:
+    raise AssertionError("not reached")

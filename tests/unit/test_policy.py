@@ -8,7 +8,7 @@ import pytest
 
 from serve.config.keys import KeyRecord
 from serve.config.model_file import ModelFile
-from serve.gateway.errors import BadRequest, Forbidden
+from serve.gateway.errors import BadRequest, NotFound
 from serve.gateway.policy import apply_policy, check_access
 
 MODEL = ModelFile.model_validate(
@@ -86,5 +86,7 @@ def test_key_model_allow_list() -> None:
     base = {"id": "key_abcdef", "name": "n", "sha256": "0" * 64, "created": "2026-01-01T00:00:00Z"}
     check_access(KeyRecord.model_validate(base), MODEL, "alias")
     check_access(KeyRecord.model_validate({**base, "models": ["alias"]}), MODEL, "served")
-    with pytest.raises(Forbidden):
+    # Not the key's model: the same answer as a model that does not exist.
+    with pytest.raises(NotFound, match="does not exist") as err:
         check_access(KeyRecord.model_validate({**base, "models": ["other"]}), MODEL, "served")
+    assert err.value.code == "model_not_found"
