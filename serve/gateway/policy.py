@@ -57,6 +57,12 @@ def check_shape(body: dict[str, Any], kind: Kind, policy: Policy) -> None:
             )
     elif "prompt" not in body:
         raise BadRequest("prompt is required", param="prompt", code="missing_required_parameter")
+    elif not _prompt_shape(body["prompt"]):
+        raise BadRequest(
+            "prompt must be a string, an array of strings, an array of token ids or an array of such arrays",
+            param="prompt",
+            code="invalid_type",
+        )
     if "stream" in body and not isinstance(body["stream"], bool):
         raise BadRequest("stream must be a boolean", param="stream", code="invalid_type")
     options = body.get("stream_options")
@@ -66,6 +72,19 @@ def check_shape(body: dict[str, Any], kind: Kind, policy: Policy) -> None:
         value = _positive_int(body, field)
         if value is not None and value > policy.max_n:
             raise BadRequest(f"{field}={value} is above the limit of {policy.max_n}", param=field, code="n_too_large")
+
+
+def _token_ids(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompt_shape(prompt: object) -> bool:
+    """The prompt forms the OpenAI API has; anything nested deeper is refused before it is walked."""
+    if isinstance(prompt, str) or _token_ids(prompt):
+        return True
+    if not isinstance(prompt, list) or not prompt:
+        return False
+    return all(isinstance(p, str) for p in prompt) or all(_token_ids(p) and p for p in prompt)
 
 
 def check_access(key: KeyRecord | None, model: ModelFile, requested: str) -> None:

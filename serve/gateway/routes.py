@@ -91,7 +91,10 @@ async def generate(
     ctx.headers.update(ticket.headers)
     ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
     ctx.watch_client(receive)
-    content = orjson.dumps(prepared.body)
+    try:
+        content = orjson.dumps(prepared.body)
+    except orjson.JSONEncodeError:  # nesting past what is written back (255 levels)
+        raise BadRequest("request body is nested too deeply", code="invalid_json") from None
     forward = Forward(path, content, prepared.stream, prepared.strip_usage, model.policy.timeouts)
     await Proxy(state.upstream, ctx, lease, forward).answer(send)
 

@@ -261,3 +261,36 @@ def test_metrics_without_a_key_answer_loopback_only() -> None:
 
 async def _never(*_: object) -> object:
     raise AssertionError("not reached")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        # A lone UTF-16 surrogate: valid JSON syntax, but no text a tokenizer or an engine can take.
+        b'{"model": "fake", "messages": [{"role": "user", "content": "\\ud800"}]}',
+        # Prompt lists nested far deeper than any OpenAI prompt form.
+        b'{"model": "fake", "prompt": ' + b"[" * 900 + b"1" + b"]" * 900 + b"}",
+        # Valid, parsed, but deeper than the body can be written back.
+        b'{"model": "fake", "messages": [{"role": "user", "content": "x"}], "response_format": '
+        + b'{"a": ' * 300
+        + b"1"
+        + b"}" * 300
+        + b"}",
+    ],
+    ids=["lone-surrogate", "nested-prompt", "nested-field"],
+)
+def test_odd_valid_json_is_a_4xx_and_keeps_the_connection(gateway: Gateway, content: bytes) -> None:
+    path = "/v1/completions" if b'"prompt"' in content else "/v1/chat/completions"
+    headers = {"authorization": f"Bearer {gateway.key}", "content-type": "application/json"}
+    with httpx.Client(base_url=gateway.url, headers=headers) as http:
+        resp = http.post(path, content=content)
+        assert 400 <= resp.status_code < 500, resp.text
+        assert_envelope(resp, resp.status_code)
+        # The same keep-alive connection still serves the next request.
+        assert (
+            http.post(
+                "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+            ).status_code
+            == 200
+        )
+        assert resp.headers.get("connection") != "close"
