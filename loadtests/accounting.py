@@ -1,10 +1,23 @@
-"""Per-request token accounting: SSE parsing, timings (TTFT, ITL, TPOT, e2e) and token counts from usage."""
+"""Per-request token accounting: timings (TTFT, ITL, TPOT, e2e) from the stream, token counts from usage."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from serve.protocol.stream import (
+    EventSplitter,
+    EventTooLarge,
+    Kind,
+    classify,
+    data_of,
+    error_message,
+    payload,
+    usage_of,
+    usage_tokens,
+)
 
 
 @dataclass
@@ -23,7 +36,7 @@ class RequestRecord:
     cancelled: bool = False
     ttft: float | None = None
     e2e: float | None = None
-    # Arrival of every event that carried generated text, in seconds after `start`.
+    # Arrival of every event that carried generated output, in seconds after `start`.
     chunk_times: list[float] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -42,7 +55,7 @@ class RequestRecord:
 
     @property
     def itls(self) -> list[float]:
-        """Gaps between consecutive content events (a gap can hold more than one token; TPOT uses usage)."""
+        """Gaps between consecutive output events (a gap can hold more than one token; TPOT uses usage)."""
         times = self.chunk_times
         return [b - a for a, b in zip(times, times[1:], strict=False)]
 
@@ -65,62 +78,54 @@ class RequestRecord:
         return cls(**data)
 
 
-def event_text(data: dict[str, Any]) -> str:
-    """Generated text in one streamed event: chat deltas (content or reasoning) or completion text."""
-    parts = []
-    for choice in data.get("choices") or ():
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            parts.append(delta.get("content") or "")
-            parts.append(delta.get("reasoning_content") or delta.get("reasoning") or "")
-        parts.append(choice.get("text") or "")
-    return "".join(p for p in parts if isinstance(p, str))
-
-
-def usage_tokens(usage: object) -> tuple[int | None, int | None]:
-    if not isinstance(usage, dict):
-        return None, None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return (prompt if isinstance(prompt, int) else None, completion if isinstance(completion, int) else None)
-
-
 class StreamRecorder:
-    """Feeds SSE lines (with their arrival time in seconds after send) into a RequestRecord."""
+    """Feeds the bytes of an SSE stream (with their arrival time in seconds after send) into a RequestRecord.
 
-    def __init__(self, record: RequestRecord) -> None:
+    Framing and the meaning of each event come from serve.protocol.stream, as in the gateway, so TTFT here is the
+    gateway's TTFT: the first event that carries generated output of any kind (content, reasoning, a tool-call
+    delta, completion text). Output events are judged on their bytes; the others are parsed, so a stream that is
+    not JSON is an error rather than silence.
+    """
+
+    def __init__(self, record: RequestRecord, on_output: Callable[[], None] | None = None) -> None:
         self.record = record
         self.done = False
+        self.splitter = EventSplitter()
+        self.on_output = on_output
 
-    def line(self, raw: bytes | str, at: float) -> None:
-        text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
-        text = text.strip()
-        if not text.startswith("data:"):
-            return  # blank separators, comments, `event:` lines
-        payload = text[5:].strip()
-        if payload == "[DONE]":
-            self.done = True
-            return
+    def feed(self, data: bytes, at: float) -> None:
         try:
-            data = json.loads(payload)
-        except json.JSONDecodeError:
-            self.fail(f"unparsable event: {payload[:80]}")
+            events = self.splitter.feed(data)
+        except EventTooLarge as exc:
+            self.fail(str(exc))
             return
-        if not isinstance(data, dict):
-            return
-        if "error" in data:
-            error = data["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            self.fail(f"error event: {message}")
-            return
-        if event_text(data):
+        for event in events:
+            self.event(event, at)
+
+    def event(self, event: bytes, at: float) -> None:
+        kind = classify(event)
+        if kind is Kind.OUTPUT:
             if self.record.ttft is None:
                 self.record.ttft = at
             self.record.chunk_times.append(at)
-        if data.get("usage"):
+            if self.on_output is not None:
+                self.on_output()
+            # With continuous usage stats an output event also carries the running total.
+            if b'"usage":{' in event or b'"usage": {' in event:
+                self.usage((data_of(event) or {}).get("usage"))
+        elif kind is Kind.USAGE:
+            self.usage(usage_of(event))
+        elif kind is Kind.DONE:
+            self.done = True
+        elif kind is Kind.ERROR:
+            self.fail(f"error event: {error_message(data_of(event) or {})}")
+        elif payload(event).strip() and data_of(event) is None:
+            self.fail(f"unparsable event: {payload(event)[:80].decode('utf-8', errors='replace')}")
+
+    def usage(self, usage: object) -> None:
+        prompt, completion = usage_tokens(usage)
+        if completion is not None:
             # The last usage wins: with continuous usage stats every event carries a running total.
-            prompt, completion = usage_tokens(data["usage"])
             self.record.prompt_tokens, self.record.completion_tokens = prompt, completion
 
     def fail(self, message: str) -> None:
@@ -128,6 +133,9 @@ class StreamRecorder:
             self.record.error = message
 
     def finish(self, at: float) -> RequestRecord:
+        last = self.splitter.flush()
+        if last is not None:
+            self.event(last, at)
         record = self.record
         record.e2e = at
         if record.error is None and not record.cancelled:
@@ -150,8 +158,7 @@ def finish_json(record: RequestRecord, body: bytes, at: float) -> RequestRecord:
         record.error = "unexpected JSON answer"
         return record
     if "error" in data:
-        error = data["error"]
-        record.error = str(error.get("message") if isinstance(error, dict) else error)
+        record.error = error_message(data)
         return record
     record.prompt_tokens, record.completion_tokens = usage_tokens(data.get("usage"))
     if record.completion_tokens is None:

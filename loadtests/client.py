@@ -13,10 +13,6 @@ from loadtests.scenarios import RequestSpec
 Fire = Callable[[str, str, float, str | None], None]
 
 
-class RequestFailed(Exception):
-    """A request that got an answer, but not a usable one (shown as the failure text in Locust)."""
-
-
 def _no_fire(kind: str, name: str, ms: float, failure: str | None) -> None:
     return None
 
@@ -32,7 +28,7 @@ def read_lines(response: Any, recorder: StreamRecorder, sent: float, clock: Call
         line = raw.readline(b"\n")
         if not line:
             return
-        recorder.line(line, clock() - sent)
+        recorder.feed(line, clock() - sent)
         if recorder.done:
             # Drain to the end of the message so the connection goes back to the pool clean.
             while raw.readline(b"\n"):
@@ -50,9 +46,13 @@ def send(
     extra: dict[str, Any] | None = None,
     fire: Fire = _no_fire,
     done: Callable[[RequestRecord], None] | None = None,
+    on_output: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> RequestRecord:
-    """Send one request and return its record; a greenlet killed meanwhile leaves a `cancelled` record behind."""
+    """Send one request and return its record; a greenlet killed meanwhile leaves a `cancelled` record behind.
+
+    `on_output` is called at every output event as it arrives (the live progress line counts them).
+    """
     body = {**spec.body, **(extra or {})}
     headers = {"Accept-Encoding": "identity"}
     if key:
@@ -80,7 +80,7 @@ def send(
             record.error = f"HTTP {record.status}: {text[:200]}"
             record.e2e = clock() - sent
         elif spec.stream:
-            recorder = StreamRecorder(record)
+            recorder = StreamRecorder(record, on_output)
             read_lines(response, recorder, sent, clock)
             recorder.finish(clock() - sent)
         else:

@@ -15,7 +15,9 @@ from pathlib import Path
 import httpx
 import yaml
 
-from loadtests.runner import ROOT, Target
+from loadtests.config import ROOT
+from loadtests.runner import Target
+from serve.config.settings import StateFolder
 from serve.engine.process import free_port
 
 BASELINE_STARTUP_S = 300
@@ -35,11 +37,12 @@ class RunningStack:
     model_file: Path
 
 
-def discover(home: Path) -> RunningStack:
-    runtime = home / "run" / "gateway.yaml"
-    key_path = home / "dev-key"
+def discover(state: StateFolder) -> RunningStack:
+    runtime, key_path = state.runtime_gateway, state.dev_key
     if not runtime.exists() or not key_path.exists():
-        raise CompareError(f"no running stack under {home} (no run/gateway.yaml or dev-key): start `llmserve up`")
+        raise CompareError(
+            f"no running stack under {state.root} (no {runtime.name} or {key_path.name}): start `llmserve up`"
+        )
     data = yaml.safe_load(runtime.read_text())
     models = data.get("models") or []
     if not models or not models[0].get("endpoints"):

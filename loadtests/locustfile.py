@@ -1,11 +1,12 @@
 """Locust scenarios for OpenAI-compatible LLM servers: closed-loop users or open-loop arrivals, timed per token.
 
-    python -m locust -f loadtests/locustfile.py --headless --host http://127.0.0.1:8000 -u 8 -r 8 -t 60s \
-        --api-key "$(cat .llmserve/dev-key)" --model smollm2-135m-instruct --scenario chat
+    LOADTEST_API_KEY="$(cat .llmserve/dev-key)" python -m locust -f loadtests/locustfile.py --headless \
+        --host http://127.0.0.1:8000 -u 8 -r 8 -t 60s --scenario chat
 
-Every option also reads an environment variable (LOADTEST_SCENARIO, LOADTEST_API_KEY, ...; see --help).
-Open loop: `--arrival poisson --rate 4 -u 1` (one user dispatches every request on time, or counts it late).
-`llmserve bench` runs this file headless and turns the records (`--records`) into a report.
+Every option also reads an environment variable (LOADTEST_SCENARIO, LOADTEST_API_KEY, ...; see --help); they are
+declared in loadtests/config.py. Open loop: `--rate 4 --arrival poisson -u 1` (one user dispatches every request
+on time, or counts it late). `llmserve bench run` runs this file headless and turns the records (`--records`) into
+a report; `llmserve bench ui` runs it with Locust's web UI.
 """
 
 from __future__ import annotations
@@ -24,70 +25,69 @@ from locust.user.task import LOCUST_STATE_STOPPING
 
 from loadtests.accounting import RequestRecord
 from loadtests.client import send
-from loadtests.scenarios import Lengths, RequestSpec, generate, scenario_names
-from loadtests.shapes import ARRIVALS, arrival_offsets
-
-
-def optional_int(value: str) -> int | None:
-    return int(value) if value not in ("", "0", "none") else None
+from loadtests.config import LoadConfig, LocustRun, add_locust_options, default_model_name, from_args, parse_sampling
+from loadtests.scenarios import Lengths, RequestSpec, generate
+from loadtests.shapes import arrival_offsets
 
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any) -> None:
-    g = parser
-    g.add_argument("--api-key", env_var="LOADTEST_API_KEY", default="", is_secret=True, help="Bearer key")
-    g.add_argument("--model", env_var="LOADTEST_MODEL", default="smollm2-135m-instruct", help="served model name")
-    g.add_argument("--scenario", env_var="LOADTEST_SCENARIO", default="chat", choices=scenario_names())
-    g.add_argument("--seed", env_var="LOADTEST_SEED", type=int, default=0, help="same seed, same requests")
-    g.add_argument("--pool-size", env_var="LOADTEST_POOL_SIZE", type=int, default=2000, help="distinct requests")
-    g.add_argument("--input-len", env_var="LOADTEST_INPUT_LEN", type=optional_int, default=None)
-    g.add_argument("--output-len", env_var="LOADTEST_OUTPUT_LEN", type=optional_int, default=None)
-    g.add_argument("--max-output-len", env_var="LOADTEST_MAX_OUTPUT_LEN", type=optional_int, default=None)
-    g.add_argument("--max-model-len", env_var="LOADTEST_MAX_MODEL_LEN", type=optional_int, default=None)
-    g.add_argument("--ignore-eos", env_var="LOADTEST_IGNORE_EOS", type=int, default=1, help="1: exact lengths")
-    g.add_argument(
-        "--sampling", env_var="LOADTEST_SAMPLING", type=json.loads, default={"temperature": 0.7}, help="JSON object"
-    )
-    g.add_argument("--cache-salt", env_var="LOADTEST_CACHE_SALT", default="", help="vLLM prefix-cache salt")
-    g.add_argument("--arrival", env_var="LOADTEST_ARRIVAL", default="closed", choices=ARRIVALS)
-    g.add_argument("--rate", env_var="LOADTEST_RATE", type=float, default=1.0, help="open loop: requests/s")
-    g.add_argument("--max-in-flight", env_var="LOADTEST_MAX_IN_FLIGHT", type=int, default=256)
-    g.add_argument("--max-requests", env_var="LOADTEST_MAX_REQUESTS", type=optional_int, default=None)
-    g.add_argument("--warmup", env_var="LOADTEST_WARMUP", type=float, default=0.0, help="s excluded from stats")
-    g.add_argument("--request-timeout", env_var="LOADTEST_REQUEST_TIMEOUT", type=float, default=900.0)
-    g.add_argument("--records", env_var="LOADTEST_RECORDS", default="", help="JSON lines file, one per request")
+    add_locust_options(parser, (LoadConfig, LocustRun))
 
 
 class Plan:
-    """The requests of this run and where their records go; built once per Locust process."""
+    """The requests of this run, where their records go and how far it got; built at every test start."""
 
     def __init__(self, environment: Any) -> None:
         o = environment.parsed_options
         self.environment = environment
-        self.options = o
-        lengths = Lengths(o.input_len, o.output_len, o.max_output_len, o.max_model_len)
+        self.config = c = from_args(LoadConfig, o, locust=True)
+        self.run = run = from_args(LocustRun, o, locust=True)
+        lengths = Lengths(c.input_len, c.output_len, c.max_output_len, run.max_model_len)
+        model = run.model or default_model_name()
         self.specs: list[RequestSpec] = generate(
-            o.scenario, o.model, o.pool_size, o.seed, lengths, ignore_eos=bool(o.ignore_eos), sampling=o.sampling
+            c.scenario,
+            model,
+            c.pool_size,
+            c.seed,
+            lengths,
+            ignore_eos=c.ignore_eos,
+            sampling=parse_sampling(run.sampling),
         )
-        self.extra = {"cache_salt": o.cache_salt} if o.cache_salt else {}
+        self.extra = {"cache_salt": run.salt} if run.salt else {}
         self.counter = itertools.count()
+        self.started = time.time()
+        # Requests sent (open loop: due) from here on are measured; --num-requests counts them.
+        self.measure_from = self.started + c.warmup
         self.sent = 0
+        self.done = 0
+        self.measured_done = 0
+        # Output so far: usage of finished requests, plus one token per output event of the running ones.
+        self.output_events = 0
+        self.finished_tokens = 0
+        self.finished_events = 0
         self.quitting = False
         self.dispatching = False
-        self.out = open(o.records, "a", buffering=1) if o.records else None  # noqa: SIM115 (closed on test_stop)
+        self.out = open(run.records, "a", buffering=1) if run.records else None  # noqa: SIM115 (closed on test_stop)
 
     def take(self) -> tuple[RequestSpec, int] | None:
         """The next request in the seeded sequence, or None once --max-requests have been sent."""
-        limit = self.options.max_requests
-        if limit is not None and self.sent >= limit:
-            if not self.quitting:
-                self.quitting = True
-                # In its own greenlet: the runner stops users gracefully, and this user is one of them.
-                gevent.spawn(self.environment.runner.quit)
+        limit = self.config.max_requests
+        if self.quitting or (limit is not None and self.sent >= limit):
+            self.stop()
             return None
         index = next(self.counter)
         self.sent += 1
         return self.specs[index % len(self.specs)], index
+
+    def stop(self) -> None:
+        if self.quitting:
+            return
+        self.quitting = True
+        runner = self.environment.runner
+        # In its own greenlet: the runner stops users gracefully, and the caller is one of them. With the web UI the
+        # test stops and the UI stays.
+        gevent.spawn(runner.quit if self.environment.web_ui is None else runner.stop)
 
     def fire(self, kind: str, name: str, ms: float, failure: str | None) -> None:
         self.environment.events.request.fire(
@@ -98,6 +98,31 @@ class Plan:
             exception=Exception(failure) if failure else None,
             context={},
         )
+
+    def output(self) -> None:
+        self.output_events += 1
+
+    def finished(self, record: RequestRecord) -> None:
+        self.done += 1
+        self.finished_tokens += (record.completion_tokens or 0) if record.ok else 0
+        self.finished_events += len(record.chunk_times)
+        self.write(record)
+        sent_at = record.scheduled if record.scheduled is not None else record.start
+        if not record.cancelled and sent_at >= self.measure_from:
+            self.measured_done += 1
+            wanted = self.config.num_requests
+            if wanted is not None and self.measured_done >= wanted:
+                self.stop()
+
+    def progress(self) -> dict[str, Any]:
+        return {
+            "type": "progress",
+            "t": time.time(),
+            "sent": self.sent,
+            "done": self.done,
+            "measured_done": self.measured_done,
+            "output_tokens": self.finished_tokens + self.output_events - self.finished_events,
+        }
 
     def write(self, data: dict[str, Any] | RequestRecord) -> None:
         if self.out is None:
@@ -111,12 +136,13 @@ class Plan:
         send(
             session,
             spec,
-            self.options.api_key,
+            self.run.api_key,
             index,
             scheduled=scheduled,
             extra=self.extra,
             fire=self.fire,
-            done=self.write,
+            done=self.finished,
+            on_output=self.output,
         )
 
 
@@ -128,15 +154,23 @@ def plan() -> Plan:
     return PLAN
 
 
+def report_progress(p: Plan) -> None:
+    while p.out is not None:
+        gevent.sleep(p.run.progress_every)
+        p.write(p.progress())
+
+
 @events.test_start.add_listener
 def on_test_start(environment: Any, **_: Any) -> None:
     global PLAN
-    PLAN = Plan(environment)
-    o = environment.parsed_options
-    PLAN.write({"type": "start", "t": time.time(), "scenario": o.scenario, "arrival": o.arrival, "rate": o.rate})
-    if o.warmup > 0 and environment.stats is not None:
+    PLAN = p = Plan(environment)
+    c = p.config
+    p.write({"type": "start", "t": p.started, "scenario": c.scenario, "arrival": c.arrival, "rate": p.run.rate})
+    if p.out is not None:
+        gevent.spawn(report_progress, p)
+    if c.warmup > 0 and environment.stats is not None:
         # Locust's own table excludes the warm-up too (`llmserve bench` filters the records itself).
-        gevent.spawn_later(o.warmup, environment.stats.reset_all)
+        gevent.spawn_later(c.warmup, environment.stats.reset_all)
 
 
 @events.test_stopping.add_listener
@@ -150,7 +184,7 @@ def on_test_stop(environment: Any, **_: Any) -> None:
     if PLAN is None:
         return
     cpu_warning = bool(getattr(environment.runner, "cpu_warning_emitted", False))
-    PLAN.write({"type": "stop", "t": time.time(), "loadgen_cpu_warning": cpu_warning})
+    PLAN.write({**PLAN.progress(), "type": "stop", "loadgen_cpu_warning": cpu_warning})
     if PLAN.out is not None:
         PLAN.out.close()
         PLAN.out = None
@@ -172,14 +206,14 @@ class LLMUser(FastHttpUser):
             request_event=self.environment.events.request,
             user=self,
             concurrency=concurrency,
-            network_timeout=self.environment.parsed_options.request_timeout,
+            network_timeout=plan().config.request_timeout,
             connection_timeout=self.connection_timeout,
         )
 
     @task
     def one_request(self) -> None:
         p = plan()
-        if p.options.arrival != "closed":
+        if p.run.rate is not None:
             self.dispatch(p)
             return
         taken = p.take()
@@ -193,11 +227,11 @@ class LLMUser(FastHttpUser):
         if p.dispatching:
             raise StopUser()  # one dispatcher per process; extra users have nothing to do
         p.dispatching = True
-        o = p.options
-        session = self.session(concurrency=o.max_in_flight)
-        pool = Pool(o.max_in_flight)
+        c, rate = p.config, p.run.rate or 0.0
+        session = self.session(concurrency=c.max_in_flight)
+        pool = Pool(c.max_in_flight)
         start_wall, start = time.time(), time.perf_counter()
-        for offset in arrival_offsets(o.rate, o.arrival, o.seed):
+        for offset in arrival_offsets(rate, c.arrival, c.seed):
             while self._state != LOCUST_STATE_STOPPING and (delay := start + offset - time.perf_counter()) > 0:
                 gevent.sleep(min(delay, 0.5))
             if self._state == LOCUST_STATE_STOPPING:

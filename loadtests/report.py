@@ -7,10 +7,16 @@ import json
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loadtests.config import LoadConfig, QualityConfig, report_lines
+from loadtests.quality import QualityResult, quality_failures, table
 from loadtests.runner import LevelResult
+from loadtests.stats import MIN_SAMPLES, Distribution
+
+Quality = Sequence[QualityResult]
 
 # Share of all CPUs busy while the benchmark itself was idle, above which a run is flagged as disturbed.
 BUSY_MACHINE = 0.25
@@ -34,11 +40,37 @@ CSV_FIELDS = (
     "itl_mean_s",
     "itl_max_s",
     "e2e_s",
-    "content_events",
+    "output_events",
     "prompt_tokens",
     "completion_tokens",
     "max_tokens",
 )
+
+
+@dataclass(frozen=True)
+class Baseline:
+    url: str | None
+    dtype: str
+    threads: int | None
+
+
+@dataclass
+class Meta:
+    """What a result folder says about the run as a whole."""
+
+    title: str
+    command: str
+    config: LoadConfig
+    model: str
+    sampling: dict[str, Any] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    baseline: Baseline | None = None
+    quality: QualityConfig = field(default_factory=QualityConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["config"] = {**data["config"], "lengths": asdict(self.config.lengths)}
+        return data
 
 
 def result_json(result: LevelResult) -> dict[str, Any]:
@@ -49,13 +81,14 @@ def result_json(result: LevelResult) -> dict[str, Any]:
         "valid": result.valid,
         "problems": result.problems,
         "failures": result.failures,
+        "low_samples": not result.summary.samples.enough,
         "window": {"t0": result.window.t0, "t1": result.window.t1},
-        "loadgen": result.loadgen,
+        "loadgen": asdict(result.loadgen),
     }
     if result.valid:
-        return {**head, **result.summary}
+        return {**head, **result.summary.to_json()}
     # Numbers that cannot be true stay out of the results; they are kept apart for whoever debugs the run.
-    return {**head, "unverified": result.summary}
+    return {**head, "unverified": result.summary.to_json()}
 
 
 def ratios(results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, float | None]]:
@@ -69,8 +102,8 @@ def ratios(results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]) -> 
             a, b = by_key.get((top, label)), by_key.get((bottom, label))
             if a is None or b is None:
                 continue
-            ok = a.valid and b.valid and b.summary["output_tok_s"] > 0
-            row[label] = a.summary["output_tok_s"] / b.summary["output_tok_s"] if ok else None
+            ok = a.valid and b.valid and b.summary.output_tok_s > 0
+            row[label] = a.summary.output_tok_s / b.summary.output_tok_s if ok else None
         if row:
             out[f"{top}/{bottom}"] = row
     return out
@@ -103,7 +136,7 @@ def write_csv(path: Path, results: Sequence[LevelResult]) -> None:
                         "itl_mean_s": _num(sum(itls) / len(itls) if itls else None),
                         "itl_max_s": _num(max(itls) if itls else None),
                         "e2e_s": _num(r.e2e),
-                        "content_events": len(r.chunk_times),
+                        "output_events": len(r.chunk_times),
                         "prompt_tokens": "" if r.prompt_tokens is None else r.prompt_tokens,
                         "completion_tokens": "" if r.completion_tokens is None else r.completion_tokens,
                         "max_tokens": r.max_tokens,
@@ -115,42 +148,73 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def _fmt(value: Any, scale: float = 1.0, digits: int = 1) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+    if value is None or math.isnan(value):
         return "-"
     return f"{value * scale:.{digits}f}"
 
 
-def markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratio_table: dict[str, Any]) -> str:
+def percentiles(d: Distribution, scale: float = 1.0, digits: int = 0) -> str:
+    """p50 / p99 with the number of samples they come from."""
+    return f"{_fmt(d.p50, scale, digits)} / {_fmt(d.p99, scale, digits)} (n={d.count})"
+
+
+def level_line(r: LevelResult) -> str:
+    """One line for the terminal as a level ends."""
+    s = r.summary
+    state = "ok" if r.valid else "REFUSED: " + "; ".join(r.problems)
+    line = (
+        f"bench: {r.target} at {r.level.label}: {_fmt(s.output_tok_s)} output tok/s, "
+        f"TTFT p50 {_fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {_fmt(s.e2e_s.p50, digits=2)} s "
+        f"(n={s.samples.measured}), {s.requests.ok} ok / {s.requests.failed} failed ({state})"
+    )
+    if not s.samples.enough:
+        line += f"\nbench: WARNING {r.target} at {r.level.label}: {s.samples.advice()}"
+    return line
+
+
+def markdown(meta: Meta, results: Sequence[LevelResult], ratio_table: dict[str, Any], quality: Quality) -> str:
     open_loop = any(r.level.rate is not None for r in results)
     level_name = "rate (req/s)" if open_loop else "users"
+    c = meta.config
+    scores = {q.target: q.score for q in quality}
     lines = [
-        f"# Load test: {meta.get('title', 'llmserve bench')}",
+        f"# Load test: {meta.title}",
         "",
-        f"- when: {meta['created']}",
-        f"- command: `{meta.get('command', '')}`",
-        f"- scenario: {meta['config']['scenario']}, seed {meta['config']['seed']}, arrival {meta['config']['arrival']}",
-        f"- warm-up {meta['config']['warmup']:g} s excluded, measured {meta['config']['duration']:g} s per level",
+        f"- when: {meta.created}",
+        f"- command: `{meta.command}`",
+        f"- model: {meta.model}; sampling: {json.dumps(meta.sampling, sort_keys=True)}",
+        "- " + ", ".join(report_lines(c)),
         "- tokens come from the server's usage; throughput counts tokens produced inside the measured window",
+        "- every percentile shows the number of samples (n) it comes from; a level with fewer than "
+        f"{MIN_SAMPLES} measured requests is marked *few samples*",
+    ]
+    if quality:
+        lines.append(
+            f"- quality: {quality[0].total} fixed questions asked greedily, up to {quality[0].max_tokens} tokens "
+            "each; correct when the expected answer appears as a whole word in the reply"
+        )
+    lines += [
         "",
         f"| target | {level_name} | output tok/s | total tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-        "| ITL p50 / p99 (ms) | e2e p50 / p99 (s) | ok / failed | goodput req/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ITL p50 / p99 (ms) | e2e p50 / p99 (s) | ok / failed | goodput req/s | quality |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         label = f"{r.level.value:g}"
+        score = scores.get(r.target, "-")
         if not r.valid:
-            lines.append(f"| {r.target} | {label} | refused: see below | | | | | | | | |")
+            lines.append(f"| {r.target} | {label} | refused: see below | | | | | | | | | {score} |")
             continue
         s = r.summary
+        if not s.samples.enough:
+            label += " *few samples*"
         lines.append(
-            f"| {r.target} | {label} | {_fmt(s['output_tok_s'])} | {_fmt(s['total_tok_s'])} "
-            f"| {_fmt(s['requests_s'], digits=2)} "
-            f"| {_fmt(s['ttft_s']['p50'], 1000, 0)} / {_fmt(s['ttft_s']['p99'], 1000, 0)} "
-            f"| {_fmt(s['tpot_s']['p50'], 1000, 1)} / {_fmt(s['tpot_s']['p99'], 1000, 1)} "
-            f"| {_fmt(s['itl_s']['p50'], 1000, 1)} / {_fmt(s['itl_s']['p99'], 1000, 1)} "
-            f"| {_fmt(s['e2e_s']['p50'], digits=2)} / {_fmt(s['e2e_s']['p99'], digits=2)} "
-            f"| {s['requests']['ok']} / {s['requests']['failed']} | {_fmt(s['goodput']['requests_s'], digits=2)} |"
+            f"| {r.target} | {label} | {_fmt(s.output_tok_s)} | {_fmt(s.total_tok_s)} "
+            f"| {_fmt(s.requests_s, digits=2)} "
+            f"| {percentiles(s.ttft_s, 1000)} | {percentiles(s.tpot_s, 1000, 1)} | {percentiles(s.itl_s, 1000, 1)} "
+            f"| {percentiles(s.e2e_s, digits=2)} "
+            f"| {s.requests.ok} / {s.requests.failed} | {_fmt(s.goodput.requests_s, digits=2)} | {score} |"
         )
     if ratio_table:
         labels = sorted({label for row in ratio_table.values() for label in row}, key=_level_key)
@@ -158,36 +222,45 @@ def markdown(meta: dict[str, Any], results: Sequence[LevelResult], ratio_table: 
         lines.append("|---|" + "---|" * len(labels))
         for name, row in ratio_table.items():
             lines.append(f"| {name} | " + " | ".join(_fmt(row.get(label), digits=2) for label in labels) + " |")
-    notes = [f"- {r.target} at {r.level.value:g}: {p}" for r in results for p in (*r.problems, *r.failures) if p]
-    unfinished = [r for r in results if r.summary["requests"]["cancelled_at_stop"]]
-    notes += [
-        f"- {r.target} at {r.level.value:g}: {r.summary['requests']['cancelled_at_stop']} requests sent inside the "
-        "window were still running at the stop timeout; latencies cover only the ones that finished"
-        for r in unfinished
-    ]
-    busy_machine = [r for r in results if (r.loadgen.get("machine_busy_before") or 0) > BUSY_MACHINE]
-    notes += [
-        f"- {r.target} at {r.level.value:g}: other work kept {r.loadgen['machine_busy_before']:.0%} of the CPUs busy "
-        "just before this run; it likely disturbed these numbers"
-        for r in busy_machine
-    ]
-    cut = [r for r in results if r.summary["requests"]["cancelled_with_tokens_in_window"]]
-    notes += [
-        f"- {r.target} at {r.level.value:g}: {r.summary['requests']['cancelled_with_tokens_in_window']} requests "
-        "outlived the stop timeout with tokens inside the window; output tok/s undercounts them (raise --stop-timeout)"
-        for r in cut
-    ]
-    late = [r for r in results if r.summary["requests"]["late"]]
-    notes += [f"- {r.target} at {r.level.value:g}: {r.summary['requests']['late']} requests sent late" for r in late]
-    busy = [r for r in results if r.loadgen["cpu_fraction"] > 0.8]
-    notes += [
-        f"- {r.target} at {r.level.value:g}: the load generator used {r.loadgen['cpu_fraction']:.0%} of a core"
-        for r in busy
+    notes = notes_of(results) + [
+        f"- {failure}" for failure in quality_failures(quality, meta.quality.quality_tolerance)
     ]
     if notes:
         lines += ["", "Problems and failed criteria:", "", *notes]
+    if quality:
+        lines += ["", "Quality:", "", "```", table(quality), "```"]
     lines += ["", "![output tokens/s](throughput.png)", "", "![latency](latency.png)", "", "![CDF](latency_cdf.png)"]
     return "\n".join(lines) + "\n"
+
+
+def notes_of(results: Sequence[LevelResult]) -> list[str]:
+    notes = []
+    for r in results:
+        where = f"- {r.target} at {r.level.value:g}:"
+        s, g = r.summary, r.loadgen
+        notes += [f"{where} {p}" for p in (*r.problems, *r.failures) if p]
+        if not s.samples.enough:
+            notes.append(f"{where} {s.samples.advice()}")
+        if s.requests.cancelled_at_stop:
+            notes.append(
+                f"{where} {s.requests.cancelled_at_stop} requests sent inside the window were still running at the "
+                "stop timeout; latencies cover only the ones that finished"
+            )
+        if (g.machine_busy_before or 0) > BUSY_MACHINE:
+            notes.append(
+                f"{where} other work kept {g.machine_busy_before:.0%} of the CPUs busy just before this run; it "
+                "likely disturbed these numbers"
+            )
+        if s.requests.cancelled_with_tokens_in_window:
+            notes.append(
+                f"{where} {s.requests.cancelled_with_tokens_in_window} requests outlived the stop timeout with "
+                "tokens inside the window; output tok/s undercounts them (raise --stop-timeout)"
+            )
+        if s.requests.late:
+            notes.append(f"{where} {s.requests.late} requests sent late")
+        if g.cpu_fraction > 0.8:
+            notes.append(f"{where} the load generator used {g.cpu_fraction:.0%} of a core")
+    return notes
 
 
 def _level_key(label: str) -> float:
@@ -195,25 +268,31 @@ def _level_key(label: str) -> float:
 
 
 def write(
-    folder: Path, meta: dict[str, Any], results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]] = ()
+    folder: Path,
+    meta: Meta,
+    results: Sequence[LevelResult],
+    pairs: Sequence[tuple[str, str]] = (),
+    quality: Quality = (),
 ) -> Path:
     """Write the whole result folder and return it."""
     from loadtests.plots import plot_all
 
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
     ratio_table = ratios(results, pairs)
     summary = {
-        **meta,
+        **meta.to_json(),
         "results": [result_json(r) for r in results],
+        "quality": {q.target: q.to_json() for q in quality},
         "ratios": ratio_table,
         "refused": sum(1 for r in results if not r.valid),
-        "failed_criteria": sum(len(r.failures) for r in results),
+        "low_samples": sum(1 for r in results if not r.summary.samples.enough),
+        "failed_criteria": sum(len(r.failures) for r in results)
+        + len(quality_failures(quality, meta.quality.quality_tolerance)),
     }
     (folder / "summary.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
     write_csv(folder / "requests.csv", results)
-    plot_all(folder, [r for r in results if r.valid])
-    (folder / "report.md").write_text(markdown(meta, results, ratio_table))
+    plot_all(folder, [r for r in results if r.valid], f"scenario {meta.config.scenario}, model {meta.model}")
+    (folder / "report.md").write_text(markdown(meta, results, ratio_table, quality))
     return folder
 
 

@@ -8,17 +8,19 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from loadtests.accounting import RequestRecord
+from loadtests.config import ROOT, LoadConfig, LocustRun, locust_argv, locust_env
+from loadtests.progress import LiveProgress
 from loadtests.sanity import Thresholds, broken_thresholds, impossible
-from loadtests.scenarios import Lengths
-from loadtests.stats import SLO, Window, summarize
+from loadtests.stats import SLO, Summary, Window, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 LOCUSTFILE = Path(__file__).resolve().parent / "locustfile.py"
+# Seconds a Locust process may take beyond its plan (start-up, writing its summary) before it is killed.
+LOCUST_GRACE_S = 120
 
 
 @dataclass(frozen=True)
@@ -45,55 +47,67 @@ class Level:
         return float(self.users if self.users is not None else self.rate or 0.0)
 
 
+def levels(config: LoadConfig) -> list[Level]:
+    if config.rates is not None:
+        return [Level(rate=r) for r in config.rates]
+    return [Level(users=u) for u in config.users]
+
+
 @dataclass(frozen=True)
-class LoadConfig:
-    scenario: str = "chat"
-    seed: int = 0
-    lengths: Lengths = field(default_factory=Lengths)
-    ignore_eos: bool = True
-    sampling: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.7})
-    warmup: float = 10.0
-    duration: float = 60.0
-    stop_timeout: float = 120.0
-    max_requests: int | None = None
-    arrival: str = "closed"
-    max_in_flight: int = 256
-    request_timeout: float = 900.0
-    late_tolerance: float = 0.05
-    # A fresh vLLM prefix-cache salt per run, so a run never reuses the KV cache of the run before it.
-    cache_salt: bool = True
-    pool_size: int = 2000
+class Setup:
+    """A load config resolved against the model file: what every target is sent, and what judges the numbers."""
+
+    config: LoadConfig = field(default_factory=LoadConfig)
+    sampling: dict[str, Any] = field(default_factory=dict)
+    max_model_len: int | None = None
+    # Output tokens/s no run on this hardware can exceed (None: not checked).
+    ceiling: float | None = None
+
+    @property
+    def slo(self) -> SLO:
+        c = self.config
+        return SLO(c.slo_ttft, c.slo_tpot, c.slo_e2e)
+
+    @property
+    def thresholds(self) -> Thresholds:
+        c = self.config
+        return Thresholds(c.max_error_rate, c.max_p99_ttft, c.min_output_tok_s)
+
+
+@dataclass(frozen=True)
+class LoadGen:
+    """How the load generator itself fared."""
+
+    exit_code: int
+    wall_s: float
+    cpu_s: float
+    # One Locust process is one core at most: near 1.0 the load generator, not the server, sets the pace.
+    cpu_fraction: float
+    cpu_warning: bool = False
+    machine_busy_before: float | None = None
 
 
 @dataclass
 class LevelResult:
     target: str
     level: Level
-    summary: dict[str, Any]
+    summary: Summary
     problems: list[str]
     failures: list[str]
     records: list[RequestRecord]
     window: Window
-    loadgen: dict[str, Any]
+    loadgen: LoadGen
 
     @property
     def valid(self) -> bool:
         return not self.problems
 
 
-@dataclass
-class Checks:
-    slo: SLO = field(default_factory=SLO)
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    ceiling: float | None = None
-
-
-def locust_command(target: Target, level: Level, config: LoadConfig, records: Path, salt: str) -> list[str]:
+def locust_command(target: Target, level: Level, config: LoadConfig, run: LocustRun) -> list[str]:
     users = level.users if level.users is not None else 1
     # Users join over the first half of the warm-up: all starting in the same second would send every prefill at
     # once and keep the requests in lockstep long after.
     spawn_rate = users / (config.warmup / 2) if config.warmup >= 2 else float(users)
-    lengths = config.lengths
     cmd = [
         sys.executable,
         "-m",
@@ -108,48 +122,26 @@ def locust_command(target: Target, level: Level, config: LoadConfig, records: Pa
         str(users),
         "-r",
         f"{max(spawn_rate, 0.1):g}",
-        "-t",
-        f"{config.warmup + config.duration:g}s",
         "--stop-timeout",
         f"{config.stop_timeout:g}",
         "--exit-code-on-error",
         "0",
-        "--model",
-        target.model,
-        "--scenario",
-        config.scenario,
-        "--seed",
-        str(config.seed),
-        "--pool-size",
-        str(config.pool_size),
-        "--ignore-eos",
-        str(int(config.ignore_eos)),
-        "--sampling",
-        json.dumps(config.sampling),
-        "--arrival",
-        config.arrival,
-        "--max-in-flight",
-        str(config.max_in_flight),
-        "--warmup",
-        f"{config.warmup:g}",
-        "--request-timeout",
-        f"{config.request_timeout:g}",
-        "--records",
-        str(records),
     ]
-    for flag, value in (
-        ("--input-len", lengths.input_len),
-        ("--output-len", lengths.output_len),
-        ("--max-output-len", lengths.max_output_len),
-        ("--max-model-len", lengths.max_model_len),
-        ("--max-requests", config.max_requests),
-        ("--rate", level.rate),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
-    if config.cache_salt:
-        cmd += ["--cache-salt", salt]
-    return cmd
+    if config.num_requests is None:
+        cmd += ["-t", f"{config.warmup + config.duration:g}s"]
+    return cmd + locust_argv(config, run)
+
+
+def locust_run(target: Target, level: Level, setup: Setup, records: Path, salt: str) -> LocustRun:
+    return LocustRun(
+        model=target.model,
+        api_key=target.key or "",
+        sampling=json.dumps(setup.sampling),
+        max_model_len=setup.max_model_len,
+        rate=level.rate,
+        salt=salt if setup.config.cache_salt else "",
+        records=str(records),
+    )
 
 
 def read_records(path: Path) -> tuple[list[RequestRecord], dict[str, dict[str, Any]]]:
@@ -200,57 +192,66 @@ def machine_busy(seconds: float = 2.0) -> float | None:
     return (total - (idle1 - idle0)) / total if total > 0 else None
 
 
-def run_level(target: Target, level: Level, config: LoadConfig, folder: Path, checks: Checks) -> LevelResult:
+def wait(proc: subprocess.Popen[bytes], budget: float | None, progress: LiveProgress) -> int:
+    """The process's exit code, showing progress meanwhile; past the budget it is killed."""
+    deadline = None if budget is None else time.monotonic() + budget
+    try:
+        while True:
+            try:
+                return proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                progress.update()
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    return proc.wait()
+    finally:
+        progress.close()
+
+
+def run_level(target: Target, level: Level, setup: Setup, folder: Path, out: TextIO | None = None) -> LevelResult:
+    config = setup.config
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     stem = f"{target.name}-{level.label}"
     records_path = raw / f"{stem}.jsonl"
     records_path.unlink(missing_ok=True)
     salt = f"{stem}-{time.time_ns()}"
-    cmd = locust_command(target, level, config, records_path, salt)
+    run = locust_run(target, level, setup, records_path, salt)
+    cmd = locust_command(target, level, config, run)
     # The key travels in the environment, not on the command line where `ps` shows it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env["LOADTEST_API_KEY"] = target.key or ""
-    budget = config.warmup + config.duration + config.stop_timeout + 120
+    env.update(locust_env(run))
+    # By count a level takes as long as its requests do (each bounded by --request-timeout): no overall budget.
+    budget = None if config.num_requests is not None else config.warmup + config.duration + config.stop_timeout
     busy = machine_busy()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
+    progress = LiveProgress(f"{target.name} at {level.label}", records_path, config, out or sys.stderr)
     with (raw / f"{stem}.locust.log").open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        try:
-            code = proc.wait(timeout=budget)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+        code = wait(proc, None if budget is None else budget + LOCUST_GRACE_S, progress)
     wall = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     records, markers = read_records(records_path)
     window = measurement_window(records, markers, config.warmup)
     summary = summarize(
-        records, window, checks.slo, open_loop=config.arrival != "closed", late_tolerance=config.late_tolerance
+        records, window, setup.slo, open_loop=level.rate is not None, late_tolerance=config.late_tolerance
     )
-    loadgen = {
-        "exit_code": code,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        # One Locust process is one core at most: near 1.0 the load generator, not the server, sets the pace.
-        "cpu_fraction": cpu / wall if wall > 0 else 0.0,
-        "cpu_warning": bool(markers.get("stop", {}).get("loadgen_cpu_warning", False)),
-        "machine_busy_before": busy,
-    }
-    problems = impossible(summary, [r for r in records if window.holds(r.start)], checks.ceiling)
+    loadgen = LoadGen(
+        exit_code=code,
+        wall_s=wall,
+        cpu_s=cpu,
+        cpu_fraction=cpu / wall if wall > 0 else 0.0,
+        cpu_warning=bool(markers.get("stop", {}).get("loadgen_cpu_warning", False)),
+        machine_busy_before=busy,
+    )
+    problems = impossible(summary, [r for r in records if window.holds(r.start)], setup.ceiling)
     if code != 0:
         problems.append(f"locust exited with code {code}; see {raw / (stem + '.locust.log')}")
-    if loadgen["cpu_warning"]:
+    if loadgen.cpu_warning:
         problems.append("the load generator ran above 90% CPU: it, not the server, set the pace")
     if "start" not in markers:
         problems.append("locust never started the test; see its log")
-    failures = broken_thresholds(summary, checks.thresholds)
+    failures = broken_thresholds(summary, setup.thresholds)
     return LevelResult(target.name, level, summary, problems, failures, records, window, loadgen)
-
-
-def describe(config: LoadConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data["lengths"] = asdict(config.lengths)
-    return data

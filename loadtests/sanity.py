@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from loadtests.accounting import RequestRecord
-from loadtests.stats import percentile
+from loadtests.stats import Summary, percentile
 
 # Below this median gap between content events, tokens are not streamed one by one: something buffers.
 MIN_PLAUSIBLE_ITL_S = 1e-4
@@ -35,7 +34,7 @@ class Thresholds:
     min_output_tok_s: float | None = None
 
 
-def impossible(summary: dict[str, Any], records: Sequence[RequestRecord], ceiling: float | None) -> list[str]:
+def impossible(summary: Summary, records: Sequence[RequestRecord], ceiling: float | None) -> list[str]:
     """Reasons these numbers cannot be true; any reason means the run is not reported as a result."""
     problems: list[str] = []
     streamed = [r for r in records if r.ok and r.stream]
@@ -52,8 +51,8 @@ def impossible(summary: dict[str, Any], records: Sequence[RequestRecord], ceilin
             f"{len(whole)} of {len(multi)} streamed requests got their first token at the very end: TTFT equals "
             "end-to-end latency, the answer was not streamed"
         )
-    rate = summary.get("output_tok_s")
-    if ceiling is not None and isinstance(rate, float) and rate > ceiling:
+    rate = summary.output_tok_s
+    if ceiling is not None and rate > ceiling:
         problems.append(f"{rate:.0f} output tokens/s is above the {ceiling:.0f} this hardware can produce")
     over = [r for r in records if r.ok and (r.completion_tokens or 0) > r.max_tokens]
     if over:
@@ -67,18 +66,18 @@ def impossible(summary: dict[str, Any], records: Sequence[RequestRecord], ceilin
     return problems
 
 
-def broken_thresholds(summary: dict[str, Any], thresholds: Thresholds) -> list[str]:
+def broken_thresholds(summary: Summary, thresholds: Thresholds) -> list[str]:
     """Which CI criteria this run breaks (empty: it passes)."""
     out: list[str] = []
-    requests = summary["requests"]
-    if requests["started"] == 0:
+    requests = summary.requests
+    if requests.started == 0:
         out.append("no request was sent inside the measured window (window too short?)")
-    if thresholds.max_error_rate is not None and requests["error_rate"] > thresholds.max_error_rate:
-        out.append(f"error rate {requests['error_rate']:.3f} > {thresholds.max_error_rate}")
-    p99 = summary["ttft_s"]["p99"]
+    if thresholds.max_error_rate is not None and requests.error_rate > thresholds.max_error_rate:
+        out.append(f"error rate {requests.error_rate:.3f} > {thresholds.max_error_rate}")
+    p99 = summary.ttft_s.p99
     if thresholds.max_p99_ttft is not None and p99 is not None and p99 > thresholds.max_p99_ttft:
         out.append(f"p99 TTFT {p99:.3f}s > {thresholds.max_p99_ttft}s")
-    rate = summary["output_tok_s"]
+    rate = summary.output_tok_s
     if thresholds.min_output_tok_s is not None and not rate >= thresholds.min_output_tok_s:
         out.append(f"output tokens/s {rate:.1f} < {thresholds.min_output_tok_s}")
     return out

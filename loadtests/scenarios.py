@@ -23,7 +23,6 @@ WORDS = tuple(_WORD_LIST.split())
 # Tokens a chat template adds around the user's message (SmolLM2's adds a default system prompt: ~30 tokens).
 CHAT_TEMPLATE_TOKENS = 40
 CHAT_PATH = "/v1/chat/completions"
-DEFAULT_SAMPLING: dict[str, Any] = {"temperature": 0.7}
 COMPLETION_PATH = "/v1/completions"
 
 
@@ -200,9 +199,10 @@ def generate(
 
     `sampling` (temperature, top_p, ...) goes into every body as given: the same values must reach every target,
     or a server that fills in its own defaults (a gateway's policy) does different work for the same request.
+    Without it the bodies carry none (the load-test config decides them, loadtests/config.py).
     """
     lengths = lengths or Lengths()
-    sampling = DEFAULT_SAMPLING if sampling is None else sampling
+    sampling = sampling or {}
     rng = random.Random(f"{seed}:{name}")
     if name in MIXES:
         names = [part for part, _ in MIXES[name].parts]

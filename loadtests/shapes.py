@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-ARRIVALS = ("closed", "constant", "poisson")
+# Open-loop arrival processes (closed loop has no arrivals: each user sends when its last request ends).
+ARRIVALS = ("poisson", "constant")
 
 
 def arrival_offsets(rate: float, process: str, seed: int = 0) -> Iterator[float]:
@@ -25,8 +26,3 @@ def arrival_offsets(rate: float, process: str, seed: int = 0) -> Iterator[float]
             t += rng.expovariate(rate)
     else:
         raise ValueError(f"open-loop arrivals are 'constant' or 'poisson', not {process!r}")
-
-
-def is_late(late: float, tolerance: float) -> bool:
-    """A request is late when it went out more than `tolerance` seconds after it was due."""
-    return late > tolerance

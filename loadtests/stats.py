@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from loadtests.accounting import RequestRecord, tokens_in_window
 
 PERCENTILES = (50, 90, 99)
+# Below this many measured requests a level's percentiles are flagged as unreliable.
+MIN_SAMPLES = 20
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -26,16 +28,29 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def distribution(values: Sequence[float]) -> dict[str, float | int | None]:
-    """count, mean, p50/p90/p99 and max; None when there is nothing to summarize (JSON has no NaN)."""
-    if not values:
-        return {"count": 0, "mean": None, **{f"p{q}": None for q in PERCENTILES}, "max": None}
-    return {
-        "count": len(values),
-        "mean": sum(values) / len(values),
-        **{f"p{q}": percentile(values, q) for q in PERCENTILES},
-        "max": max(values),
-    }
+@dataclass(frozen=True)
+class Distribution:
+    """count, mean, p50/p90/p99 and max of some latencies; None where there is nothing to summarize."""
+
+    count: int
+    mean: float | None = None
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Distribution:
+        if not values:
+            return cls(0)
+        return cls(
+            count=len(values),
+            mean=sum(values) / len(values),
+            p50=percentile(values, 50),
+            p90=percentile(values, 90),
+            p99=percentile(values, 99),
+            max=max(values),
+        )
 
 
 @dataclass(frozen=True)
@@ -77,6 +92,89 @@ def started_in(records: Sequence[RequestRecord], window: Window) -> list[Request
     return [r for r in records if window.holds(r.scheduled if r.scheduled is not None else r.start)]
 
 
+@dataclass(frozen=True)
+class Requests:
+    started: int  # sent (open loop: due) inside the window
+    measured: int  # of those, the ones that ended before the stop timeout
+    ok: int
+    failed: int
+    error_rate: float
+    cancelled_at_stop: int
+    cancelled_with_tokens_in_window: int
+    late: int
+    streamed: int
+
+
+@dataclass(frozen=True)
+class Goodput:
+    slo: SLO
+    requests_s: float
+    output_tok_s: float
+    fraction: float
+
+
+@dataclass(frozen=True)
+class Tokens:
+    prompt_mean: float | None
+    output_mean: float | None
+    output_total: int
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Whether a level measured enough requests for its percentiles to mean something, and what would."""
+
+    measured: int  # requests whose latencies the percentiles are made of (started inside the window, ok)
+    needed: int
+    suggested_duration_s: float | None  # a --duration that would give `needed` at this level's pace
+
+    @property
+    def enough(self) -> bool:
+        return self.measured >= self.needed
+
+    def advice(self) -> str:
+        """What to do about too few samples (empty when there are enough)."""
+        if self.enough:
+            return ""
+        head = f"only {self.measured} measured requests (fewer than {self.needed}): its percentiles are unreliable"
+        if self.suggested_duration_s is None:
+            return f"{head}; no request finished, use --num-requests {self.needed} or a longer --stop-timeout"
+        return f"{head}; use --duration {self.suggested_duration_s:g} or --num-requests {self.needed}"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The numbers of one target at one level."""
+
+    window_s: float
+    requests: Requests
+    errors: dict[str, int]
+    output_tok_s: float
+    prompt_tok_s: float
+    total_tok_s: float
+    requests_s: float
+    goodput: Goodput
+    ttft_s: Distribution
+    tpot_s: Distribution
+    itl_s: Distribution
+    e2e_s: Distribution
+    late_s: Distribution
+    tokens: Tokens
+    samples: Samples
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"]["enough"] = self.samples.enough
+        return data
+
+
+def suggested_duration(measured: int, seconds: float, needed: int) -> float | None:
+    """Seconds of window that would measure `needed` requests at the pace seen, rounded up to 10 s."""
+    if measured <= 0 or seconds <= 0:
+        return None
+    return float(math.ceil(seconds * needed / measured / 10) * 10)
+
+
 def summarize(
     records: Sequence[RequestRecord],
     window: Window,
@@ -84,7 +182,8 @@ def summarize(
     *,
     open_loop: bool = False,
     late_tolerance: float = 0.05,
-) -> dict[str, Any]:
+    min_samples: int = MIN_SAMPLES,
+) -> Summary:
     """The numbers of one run. Throughput counts the tokens produced inside the window (whichever request they
     belong to); latencies and errors count the requests started inside it. In open loop the latencies run from the
     time a request was due, so a late send shows up as latency instead of vanishing (coordinated omission)."""
@@ -110,38 +209,39 @@ def summarize(
     good = [r for r in ok if slo.met(r, late(r))]
     errors = Counter((r.error or "failed")[:120] for r in failed)
     rate = (lambda n: n / seconds) if seconds > 0 else (lambda n: math.nan)
-    return {
-        "window_s": seconds,
-        "requests": {
-            "started": len(measured),
-            "measured": len(done),
-            "ok": len(ok),
-            "failed": len(failed),
-            "error_rate": len(failed) / len(done) if done else 0.0,
-            "cancelled_at_stop": len(measured) - len(done),
-            "cancelled_with_tokens_in_window": len(unfinished),
-            "late": sum(1 for r in measured if r.scheduled is not None and r.late > late_tolerance),
-            "streamed": len(streamed),
-        },
-        "errors": dict(errors.most_common(10)),
-        "output_tok_s": rate(output),
-        "prompt_tok_s": rate(prompt),
-        "total_tok_s": rate(output + prompt),
-        "requests_s": rate(finished),
-        "goodput": {
-            "slo": {"ttft_s": slo.ttft, "tpot_s": slo.tpot, "e2e_s": slo.e2e},
-            "requests_s": rate(len(good)),
-            "output_tok_s": rate(sum(r.completion_tokens or 0 for r in good)),
-            "fraction": len(good) / len(ok) if ok else 0.0,
-        },
-        "ttft_s": distribution([r.ttft + late(r) for r in streamed if r.ttft is not None]),
-        "tpot_s": distribution([t for r in streamed if (t := r.tpot) is not None]),
-        "itl_s": distribution([gap for r in streamed for gap in r.itls]),
-        "e2e_s": distribution([r.e2e + late(r) for r in ok if r.e2e is not None]),
-        "late_s": distribution([r.late for r in measured if r.scheduled is not None]),
-        "tokens": {
-            "prompt_mean": sum(r.prompt_tokens or 0 for r in ok) / len(ok) if ok else None,
-            "output_mean": sum(r.completion_tokens or 0 for r in ok) / len(ok) if ok else None,
-            "output_total": sum(r.completion_tokens or 0 for r in ok),
-        },
-    }
+    return Summary(
+        window_s=seconds,
+        requests=Requests(
+            started=len(measured),
+            measured=len(done),
+            ok=len(ok),
+            failed=len(failed),
+            error_rate=len(failed) / len(done) if done else 0.0,
+            cancelled_at_stop=len(measured) - len(done),
+            cancelled_with_tokens_in_window=len(unfinished),
+            late=sum(1 for r in measured if r.scheduled is not None and r.late > late_tolerance),
+            streamed=len(streamed),
+        ),
+        errors=dict(errors.most_common(10)),
+        output_tok_s=rate(output),
+        prompt_tok_s=rate(prompt),
+        total_tok_s=rate(output + prompt),
+        requests_s=rate(finished),
+        goodput=Goodput(
+            slo=slo,
+            requests_s=rate(len(good)),
+            output_tok_s=rate(sum(r.completion_tokens or 0 for r in good)),
+            fraction=len(good) / len(ok) if ok else 0.0,
+        ),
+        ttft_s=Distribution.of([r.ttft + late(r) for r in streamed if r.ttft is not None]),
+        tpot_s=Distribution.of([t for r in streamed if (t := r.tpot) is not None]),
+        itl_s=Distribution.of([gap for r in streamed for gap in r.itls]),
+        e2e_s=Distribution.of([r.e2e + late(r) for r in ok if r.e2e is not None]),
+        late_s=Distribution.of([r.late for r in measured if r.scheduled is not None]),
+        tokens=Tokens(
+            prompt_mean=sum(r.prompt_tokens or 0 for r in ok) / len(ok) if ok else None,
+            output_mean=sum(r.completion_tokens or 0 for r in ok) / len(ok) if ok else None,
+            output_total=sum(r.completion_tokens or 0 for r in ok),
+        ),
+        samples=Samples(len(ok), min_samples, suggested_duration(len(ok), seconds, min_samples)),
+    )

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import os
 import threading
@@ -26,6 +25,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from serve.protocol.stream import DONE, encode
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ def create_app(generator: Generator, served_name: str, api_key: str | None = Non
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
             data = {"id": rid, "object": obj + ".chunk" if chat else obj, "created": created, "model": served_name}
-            return b"data: " + json.dumps({**data, "choices": choices, **extra}).encode() + b"\n\n"
+            return encode({**data, "choices": choices, **extra})
 
         def piece(text: str, finish: str | None = None) -> dict[str, Any]:
             if chat:
@@ -222,11 +223,10 @@ def create_app(generator: Generator, served_name: str, api_key: str | None = Non
                             yield event([piece("", item.finish_reason)])
                             if include_usage:
                                 yield event([], usage=usage(item))
-                            yield b"data: [DONE]\n\n"
+                            yield DONE
                             break
                         else:
-                            message = json.dumps({"error": {"message": str(item), "type": "server_error"}})
-                            yield b"data: " + message.encode() + b"\n\n"
+                            yield encode({"error": {"message": str(item), "type": "server_error"}})
                             break
                 finally:
                     stop.set()

@@ -1,4 +1,4 @@
-"""Token accounting of the load tests: SSE parsing, TTFT/ITL/TPOT/e2e and tokens from usage, hand-computed."""
+"""Token accounting of the load tests: stream events, TTFT/ITL/TPOT/e2e and tokens from usage, hand-computed."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ def record(stream: bool = True, **fields: object) -> RequestRecord:
 def feed(lines: list[tuple[float, bytes]], end: float) -> RequestRecord:
     recorder = StreamRecorder(record(status=200))
     for at, line in lines:
-        recorder.line(line, at)
-        recorder.line(b"\n", at)  # the blank line that ends each SSE event
+        recorder.feed(line, at)
+        recorder.feed(b"\n", at)  # the blank line that ends each SSE event
     return recorder.finish(end)
 
 
@@ -65,6 +65,66 @@ def test_completion_text_events_count_as_content() -> None:
     r = feed(lines, end=0.4)
     assert r.ok and r.ttft == 0.2 and r.completion_tokens == 2
     assert r.tpot == pytest.approx(0.2)
+
+
+def tool_call(arguments: str, name: str | None = None) -> bytes:
+    function: dict[str, object] = {"arguments": arguments}
+    if name is not None:
+        function["name"] = name
+    call = {"index": 0, "id": "call_1", "type": "function", "function": function}
+    return sse({"choices": [{"index": 0, "delta": {"tool_calls": [call]}}]})
+
+
+USAGE_AND_DONE = [
+    (0.9, sse({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 4}})),
+    (0.9, sse("[DONE]")),
+]
+
+
+def test_a_tool_call_delta_is_the_first_token() -> None:
+    # A function call streams no content at all: its first delta is the first output, as in the gateway's metrics.
+    lines = [
+        (0.1, sse({"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]})),
+        (0.3, tool_call("", name="get_weather")),
+        (0.5, tool_call('{"city": ')),
+        (0.7, tool_call('"Paris"}')),
+        *USAGE_AND_DONE,
+    ]
+    r = feed(lines, end=1.0)
+    assert r.ok, r.error
+    assert r.ttft == 0.3
+    assert r.chunk_times == [0.3, 0.5, 0.7]
+
+
+def test_reasoning_before_content_is_the_first_token() -> None:
+    lines = [
+        (0.2, sse({"choices": [{"index": 0, "delta": {"reasoning_content": "Let me think"}}]})),
+        (0.6, chat("Paris")),
+        *USAGE_AND_DONE,
+    ]
+    r = feed(lines, end=1.0)
+    assert r.ok and r.ttft == 0.2 and r.chunk_times == [0.2, 0.6]
+
+
+def test_framing_crlf_split_events_and_a_last_event_without_its_blank_line() -> None:
+    recorder = StreamRecorder(record(status=200))
+    # CRLF line ends, one event split across reads, and [DONE] without the blank line that should end it.
+    recorder.feed(b'data: {"choices":[{"index":0,"delta":{"content":"He', 0.2)
+    recorder.feed(b'y"}}]}\r\n\r\n', 0.25)
+    recorder.feed(b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\r\n\r\n', 0.3)
+    recorder.feed(b"data: [DONE]", 0.3)
+    r = recorder.finish(0.35)
+    assert r.ok, r.error
+    assert r.ttft == 0.25  # the event is complete only when its blank line arrives
+    assert (r.prompt_tokens, r.completion_tokens) == (3, 1)
+
+
+def test_output_events_are_counted_live() -> None:
+    seen: list[int] = []
+    recorder = StreamRecorder(record(status=200), on_output=lambda: seen.append(1))
+    for at, line in STREAM:
+        recorder.feed(line + b"\n", at)
+    assert len(seen) == 3  # the three events with text, not the role, finish or usage events
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from loadtests.scenarios import (
     generate,
     scenario_names,
 )
-from loadtests.shapes import arrival_offsets, is_late
+from loadtests.shapes import arrival_offsets
 
 
 def test_same_seed_same_requests_other_seed_other_requests() -> None:
@@ -96,7 +96,3 @@ def test_poisson_arrivals_are_seeded_with_the_right_mean_gap() -> None:
         next(arrival_offsets(0.0, "poisson"))
     with pytest.raises(ValueError):
         next(arrival_offsets(1.0, "closed"))
-
-
-def test_late_means_beyond_the_tolerance() -> None:
-    assert not is_late(0.05, 0.05) and is_late(0.051, 0.05)

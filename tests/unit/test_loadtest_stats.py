@@ -9,7 +9,7 @@ import pytest
 
 from loadtests.accounting import RequestRecord
 from loadtests.sanity import Thresholds, broken_thresholds, impossible
-from loadtests.stats import SLO, Window, distribution, percentile, summarize
+from loadtests.stats import SLO, Distribution, Window, percentile, summarize
 
 
 def test_percentile_interpolates_between_closest_ranks() -> None:
@@ -27,9 +27,9 @@ def test_percentile_interpolates_between_closest_ranks() -> None:
 
 
 def test_distribution_of_nothing_is_null_not_nan() -> None:
-    assert distribution([]) == {"count": 0, "mean": None, "p50": None, "p90": None, "p99": None, "max": None}
-    d = distribution([1.0, 2.0, 3.0, 4.0, 10.0])
-    assert d["count"] == 5 and d["mean"] == 4.0 and d["max"] == 10.0 and d["p50"] == 3.0
+    assert Distribution.of([]) == Distribution(count=0, mean=None, p50=None, p90=None, p99=None, max=None)
+    d = Distribution.of([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert d.count == 5 and d.mean == 4.0 and d.max == 10.0 and d.p50 == 3.0
 
 
 def streamed(
@@ -63,25 +63,25 @@ RECORDS = [
 
 def test_summary_counts_tokens_inside_the_window_and_requests_started_in_it() -> None:
     s = summarize(RECORDS, Window(10.0, 20.0), SLO(ttft=1.0, tpot=0.4))
-    assert s["window_s"] == 10.0
+    assert s.window_s == 10.0
     # Output: 4 (request 1) + 5 (request 2) = 9 tokens in 10 s. Prompt: request 2's 10 (its first token at 12.5).
-    assert s["output_tok_s"] == pytest.approx(0.9)
-    assert s["prompt_tok_s"] == pytest.approx(1.0)
-    assert s["total_tok_s"] == pytest.approx(1.9)
+    assert s.output_tok_s == pytest.approx(0.9)
+    assert s.prompt_tok_s == pytest.approx(1.0)
+    assert s.total_tok_s == pytest.approx(1.9)
     # Requests 1 (ends at 13) and 2 (ends at 14.5) finished inside.
-    assert s["requests_s"] == pytest.approx(0.2)
-    req = s["requests"]
-    assert (req["measured"], req["ok"], req["failed"], req["cancelled_at_stop"]) == (2, 1, 1, 1)
-    assert req["cancelled_with_tokens_in_window"] == 0
-    assert req["error_rate"] == 0.5
-    assert s["errors"] == {"HTTP 503": 1}
-    assert s["ttft_s"]["p50"] == 0.5 and s["tpot_s"]["p50"] == pytest.approx(0.5)
-    assert s["itl_s"]["count"] == 4 and s["itl_s"]["p50"] == pytest.approx(0.5)
+    assert s.requests_s == pytest.approx(0.2)
+    req = s.requests
+    assert (req.measured, req.ok, req.failed, req.cancelled_at_stop) == (2, 1, 1, 1)
+    assert req.cancelled_with_tokens_in_window == 0
+    assert req.error_rate == 0.5
+    assert s.errors == {"HTTP 503": 1}
+    assert s.ttft_s.p50 == 0.5 and s.tpot_s.p50 == pytest.approx(0.5)
+    assert s.itl_s.count == 4 and s.itl_s.p50 == pytest.approx(0.5)
     # Request 2 meets the TTFT objective but not TPOT <= 0.4: no goodput.
-    assert s["goodput"]["requests_s"] == 0.0 and s["goodput"]["fraction"] == 0.0
+    assert s.goodput.requests_s == 0.0 and s.goodput.fraction == 0.0
     relaxed = summarize(RECORDS, Window(10.0, 20.0), SLO(ttft=1.0, tpot=0.5))
-    assert relaxed["goodput"]["requests_s"] == pytest.approx(0.1)
-    assert relaxed["goodput"]["output_tok_s"] == pytest.approx(0.5)
+    assert relaxed.goodput.requests_s == pytest.approx(0.1)
+    assert relaxed.goodput.output_tok_s == pytest.approx(0.5)
 
 
 def test_requests_cut_off_at_the_stop_are_reported() -> None:
@@ -89,17 +89,17 @@ def test_requests_cut_off_at_the_stop_are_reported() -> None:
         id=5, scenario="chat", stream=True, start=18.0, max_tokens=64, cancelled=True, chunk_times=[1.0, 2.5, 3.0]
     )
     s = summarize([*RECORDS, cut], Window(10.0, 20.0), SLO())
-    assert s["requests"]["cancelled_with_tokens_in_window"] == 1  # its event at 19 lies inside
-    assert s["output_tok_s"] == pytest.approx(0.9)  # and it adds nothing: it has no usage
+    assert s.requests.cancelled_with_tokens_in_window == 1  # its event at 19 lies inside
+    assert s.output_tok_s == pytest.approx(0.9)  # and it adds nothing: it has no usage
 
 
 def test_open_loop_latency_counts_from_the_due_time() -> None:
     late = streamed(1, 12.0, [0.5, 1.0], tokens=2, scheduled=11.0)
     on_time = streamed(2, 13.0, [0.5, 1.0], tokens=2, scheduled=13.0)
     s = summarize([late, on_time], Window(10.0, 20.0), SLO(), open_loop=True, late_tolerance=0.05)
-    assert s["requests"]["late"] == 1
-    assert s["ttft_s"]["max"] == pytest.approx(1.5)  # 1 s late + 0.5 s TTFT
-    assert s["late_s"]["max"] == pytest.approx(1.0)
+    assert s.requests.late == 1
+    assert s.ttft_s.max == pytest.approx(1.5)  # 1 s late + 0.5 s TTFT
+    assert s.late_s.max == pytest.approx(1.0)
 
 
 def healthy(n: int = 20) -> list[RequestRecord]:
@@ -142,5 +142,5 @@ def test_thresholds_turn_into_failures() -> None:
     # Requests sent but none finished (a saturated server): no latency to report, but nothing broken either.
     stuck = RequestRecord(id=9, scenario="chat", stream=True, start=12.0, max_tokens=64, cancelled=True, e2e=30.0)
     s = summarize([stuck], Window(10.0, 20.0), SLO())
-    assert (s["requests"]["started"], s["requests"]["measured"], s["requests"]["cancelled_at_stop"]) == (1, 0, 1)
+    assert (s.requests.started, s.requests.measured, s.requests.cancelled_at_stop) == (1, 0, 1)
     assert broken_thresholds(s, Thresholds(max_error_rate=0.0)) == []
