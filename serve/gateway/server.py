@@ -1,52 +1,120 @@
-"""Running the gateway under uvicorn: logging, and drain on SIGTERM/SIGINT."""
+"""Running the gateway under uvicorn: the bounded HTTP protocol, drain on SIGTERM/SIGINT, one process or several."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import resource
 import sys
+from collections.abc import Generator
 from types import FrameType
 
 import uvicorn
 
-from serve.config.gateway import GatewaySettings
+from serve.config.gateway import GatewayFile, GatewaySettings
 from serve.gateway.app import create_app
 from serve.gateway.drain import Drain
+from serve.gateway.http_protocol import HttpLimits, bounded_protocol
 from serve.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+# What run_gateway exits with when the lifespan failed (a model file, the keys file, Redis), as uvicorn.run does.
+STARTUP_FAILURE = 3
+# Descriptors beyond two per client connection (it and its engine connection): listeners, logs, health checks.
+FD_RESERVE = 256
 
 
 class GatewayServer(uvicorn.Server):
-    """The first SIGTERM/SIGINT drains (readiness 503, new requests 503, in-flight finish); a second one exits now."""
+    """The first stop (SIGTERM/SIGINT, or the supervisor's word) drains: readiness 503, new requests 503, in-flight
+    finish; a second one exits now. A worker under a supervisor takes no signals of its own."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+    def __init__(self, config: uvicorn.Config, drain: Drain, own_signals: bool = True) -> None:
         super().__init__(config)
         self.drain = drain
+        self.own_signals = own_signals
         drain.on_done = self._drained
 
     def _drained(self) -> None:
         self.should_exit = True
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+    def stop(self) -> None:
+        """Safe from a signal handler or another thread: it only sets flags the event loop polls."""
         if self.drain.active:
-            super().handle_exit(sig, frame)
+            self.should_exit = True
         else:
             self.drain.begin()
 
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stop()
 
-def run_gateway(settings: GatewaySettings) -> None:
-    setup_logging(settings.file.log_level, access_log=True)
-    drain = Drain(settings.file.drain_timeout)
-    app = create_app(settings, drain)
-    config = uvicorn.Config(
-        app,
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if self.own_signals:
+            with super().capture_signals():
+                yield
+        else:
+            yield
+
+
+def http_limits(file: GatewayFile) -> HttpLimits:
+    return HttpLimits(
+        max_head_bytes=file.max_header_bytes,
+        header_timeout=file.header_timeout,
+        body_timeout=file.body_timeout,
+        body_min_rate=file.body_min_rate,
+        max_connections=file.max_connections,
+    )
+
+
+def uvicorn_config(settings: GatewaySettings, app: object) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
         host=settings.file.host,
         port=settings.file.port,
+        http=bounded_protocol(http_limits(settings.file)),
+        ws="none",
+        lifespan="on",
         log_config=None,
         access_log=False,
         # The drain already waited for requests in flight; this only bounds the last connection close.
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
     )
-    server = GatewayServer(config, drain)
+
+
+def raise_fd_limit(file: GatewayFile) -> None:
+    """Each client connection may hold an engine connection too: lift the soft descriptor limit to what the
+    connection cap needs (up to the hard limit), and say so when even that is too low."""
+    needed = 2 * file.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open file limit %d is below the %d that max_connections=%d needs: raise `ulimit -n`",
+            soft,
+            needed,
+            file.max_connections,
+        )
+
+
+def gateway_server(settings: GatewaySettings, own_signals: bool = True) -> GatewayServer:
+    drain = Drain(settings.file.drain_timeout)
+    return GatewayServer(uvicorn_config(settings, create_app(settings, drain)), drain, own_signals=own_signals)
+
+
+def run_gateway(settings: GatewaySettings) -> None:
+    setup_logging(settings.file.log_level, access_log=True)
+    raise_fd_limit(settings.file)
+    if settings.file.workers > 1:
+        from serve.gateway.workers import run_workers
+
+        sys.exit(run_workers(settings))
+    server = gateway_server(settings)
     server.run()
     if not server.started:
-        # The lifespan failed (a model file, the keys file, Redis): say so with the exit code, as uvicorn.run does.
-        sys.exit(3)
+        sys.exit(STARTUP_FAILURE)

@@ -1,0 +1,257 @@
+"""The gateway's HTTP/1.1 protocol: uvicorn's httptools one with a bounded head, read timeouts and a connection cap."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httptools
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+# A connection past the cap is answered once its head is in; one that sends nothing for this long is just closed.
+REFUSED_HEAD_WAIT = 1.0
+# After answering in place of the application, input is read and dropped (for this long, up to this much) before the
+# close, so the answer is not lost to a reset: closing a socket with unread input resets it.
+LINGER_SECONDS = 2.0
+LINGER_BYTES = 256 * 1024
+# Bytes of a head on the wire that its counted size (target and headers) leaves out: method, version, line ends.
+HEAD_FRAMING_SLACK = 256
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """What one server allows a client connection (GatewayFile holds the defaults)."""
+
+    max_head_bytes: int
+    header_timeout: float
+    body_timeout: float
+    body_min_rate: int
+    max_connections: int
+
+
+class Admitted:
+    """How many connections one server holds under its cap (those refused past it are not counted)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _Answered(Exception):
+    """Raised in a parser callback to stop parsing a request the protocol has answered itself."""
+
+
+def envelope(
+    status: int, error_type: str, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+) -> bytes:
+    """A whole response with the OpenAI error envelope that closes the connection: written before any app runs."""
+    body = json.dumps({"error": {"message": message, "type": error_type, "param": None, "code": code}}).encode()
+    head = [
+        STATUS_LINE[status],
+        *(b"%s: %s\r\n" % (name, value) for name, value in headers),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+    ]
+    return b"".join(head) + body
+
+
+class BoundedHttpToolsProtocol(HttpToolsProtocol):
+    """Counts a request head's bytes as they arrive and answers 431 as soon as they pass the limit (httptools itself
+    buffers a head of any size); answers 408 to a head or a body that does not arrive in time, and 503 past the
+    connection cap. Timers are only armed when a head or body spans reads, so the usual request costs none."""
+
+    limits: ClassVar[HttpLimits]
+    admitted: ClassVar[Admitted]
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        # Between requests every byte that arrives belongs to a head.
+        self._head_open = True
+        self._head_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._counted = False
+        self._answered = False
+        self._dropped = 0
+        # When the body that spans reads began to arrive, and how much of it came since.
+        self._body_started = 0.0
+        self._body_bytes = 0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.admitted.count < self.limits.max_connections:
+            self.admitted.count += 1
+            self._counted = True
+            wait = self.limits.header_timeout
+        else:
+            wait = min(REFUSED_HEAD_WAIT, self.limits.header_timeout)
+        self._timer = self.loop.call_later(wait, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._counted:
+            self._counted = False
+            self.admitted.count -= 1
+        self._cancel_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._answered:
+            self._dropped += len(data)
+            if self._dropped > LINGER_BYTES:
+                self.transport.close()
+            return
+        self._unset_keepalive_if_required()
+        if self._head_open:
+            self._head_bytes += len(data)
+        else:
+            self._body_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # The gateway serves no WebSocket: the request goes on as a plain one, as uvicorn does.
+            self._unsupported_upgrade_warning()
+        except httptools.HttpParserError:
+            if not self._answered:
+                self.logger.warning("Invalid HTTP request received.")
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._answered:
+            return
+        if self._head_open:
+            if self._head_bytes > self.limits.max_head_bytes + HEAD_FRAMING_SLACK:
+                self._answer_too_large()
+            elif self._timer is None and self._head_bytes:
+                self._timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+        elif self._timer is None and not self.transport.is_closing():
+            self._start_body_clock()
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._cancel_timer()
+        # The exact size is only worth computing when the read that ended the head was large.
+        if self._head_bytes > self.limits.max_head_bytes and self._head_size() > self.limits.max_head_bytes:
+            self._answer_too_large()
+            raise _Answered
+        if not self._counted:
+            self._answer(
+                503,
+                "service_unavailable",
+                "too_many_connections",
+                f"the gateway holds its maximum of {self.limits.max_connections} connections: retry shortly",
+                [(b"retry-after", b"1")],
+            )
+            raise _Answered
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._head_open = True
+        self._head_bytes = 0
+        self._cancel_timer()
+        super().on_message_complete()
+
+    def _head_size(self) -> int:
+        """The head as the limit counts it: the request target and each header with its separator and line end."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _head_timed_out(self) -> None:
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head: its clock starts when the response in progress ends.
+            self._timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+            return
+        if not self._head_bytes or not self._counted:
+            # Nothing was asked (or the connection is past the cap): there is nothing to answer.
+            self._answered = True
+            self.transport.close()
+            return
+        limit = self.limits.header_timeout
+        self._answer(408, "invalid_request_error", "request_timeout", f"the request head took longer than {limit:g}s")
+
+    def _start_body_clock(self) -> None:
+        self._body_started = self.loop.time()
+        self._body_bytes = 0
+        self._timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+
+    def _body_timed_out(self) -> None:
+        """The body may take body_timeout seconds, and one more for every body_min_rate bytes that arrived."""
+        self._timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle.response_complete:
+            # The application answered without reading the whole body: the rest is not worth waiting for.
+            self._answered = True
+            self.transport.close()
+            return
+        if self.flow.read_paused:
+            # The application has not taken what already came: the client is not the slow one. Start again.
+            self._start_body_clock()
+            return
+        limits = self.limits
+        late = self.loop.time() - self._body_started - limits.body_timeout - self._body_bytes / limits.body_min_rate
+        if late < 0:
+            self._timer = self.loop.call_later(-late, self._body_timed_out)
+            return
+        self._answer(
+            408,
+            "invalid_request_error",
+            "request_timeout",
+            f"the request body came slower than {limits.body_min_rate} bytes/s after {limits.body_timeout:g}s",
+        )
+
+    def _answer_too_large(self) -> None:
+        limit = self.limits.max_head_bytes
+        self._answer(
+            431, "invalid_request_error", "headers_too_large", f"request headers are larger than {limit} bytes"
+        )
+
+    def _answer(
+        self, status: int, error_type: str, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    ) -> None:
+        """Answers in place of the application, then closes: the rest of the input is never parsed."""
+        self._answered = True
+        self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The application's receive() returns http.disconnect from now on, and its send() writes nothing.
+            started = cycle.response_started
+            cycle.disconnected = True
+            cycle.message_event.set()
+            if started:
+                self.transport.close()
+                return
+        extra = [*self.server_state.default_headers, *headers]
+        self.transport.write(envelope(status, error_type, code, message, extra))
+        if self.transport.can_write_eof():
+            self.flow.resume_reading()
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(LINGER_SECONDS, self.transport.close)
+        else:
+            self.transport.close()
+
+
+def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
+    """The protocol class for one server: its limits and its own count of admitted connections."""
+
+    class Protocol(BoundedHttpToolsProtocol):
+        pass
+
+    Protocol.limits = limits
+    Protocol.admitted = Admitted()
+    return Protocol
