@@ -60,9 +60,10 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def gateway_settings_for(args: argparse.Namespace) -> GatewaySettings:
-    """What `llmserve gateway` serves: its file, with --host and --port over the file's."""
+    """What `llmserve gateway` serves: its file, with --host, --port and --workers over the file's."""
     file, base_dir = gateway_file_arg(args.config)
-    update = {name: value for name, value in (("host", args.host), ("port", args.port)) if value is not None}
+    flags = (("host", args.host), ("port", args.port), ("workers", args.workers))
+    update = {name: value for name, value in flags if value is not None}
     return build_settings(file.model_copy(update=update), base_dir=base_dir)
 
 
@@ -212,6 +213,9 @@ def parser() -> argparse.ArgumentParser:
     gw.add_argument("--config", help=f"gateway settings (default: {DEFAULT_GATEWAY} if it exists)")
     gw.add_argument("--host")
     gw.add_argument("--port", type=int)
+    gw.add_argument(
+        "--workers", type=positive_int, help="gateway processes sharing the port (default: the file's `workers`, 1)"
+    )
     gw.set_defaults(func=cmd_gateway)
 
     eng = sub.add_parser("engine", help="run one vLLM engine for a model file in the foreground")
