@@ -51,7 +51,7 @@ def log_ticks(low: float, high: float, count: int = 6) -> list[float]:
         decade *= 10
     if len(candidates) < 3 and span < 20:
         # Narrower than the round numbers: evenly spaced ones, as a linear axis would have.
-        ticks = MaxNLocator(nbins=4, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high)
+        ticks = MaxNLocator(nbins=6, steps=[1, 2, 5, 10]).tick_values(low, high)
         return [float(t) for t in ticks if low <= t <= high]
     if span >= 20 or len(candidates) <= count:
         return candidates
@@ -67,10 +67,13 @@ def readable_log(ax: Any, which: str, values: Sequence[float]) -> None:
     low, high = min(positive), max(positive)
     if high == low:
         low, high = low / 1.5, high * 1.5
+    # A margin of 5% of the range on the log scale (at least 1%): a narrow range still fills the axis.
+    margin = max(1.01, (high / low) ** 0.05)
+    low, high = low / margin, high * margin
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    (ax.set_ylim if which == "y" else ax.set_xlim)(low / 1.15, high * 1.15)
-    axis.set_major_locator(FixedLocator(log_ticks(low / 1.15, high * 1.15)))
+    (ax.set_ylim if which == "y" else ax.set_xlim)(low, high)
+    axis.set_major_locator(FixedLocator(log_ticks(low, high)))
     axis.set_major_formatter(FuncFormatter(number))
     axis.set_minor_formatter(NullFormatter())
 
