@@ -163,7 +163,11 @@ def write_runtime_config(stack: Stack) -> Path:
     runtime = stack.gateway_file.model_copy(update={"models": entries, "keys_file": stack.keys_path})
     path = stack.state.runtime_gateway
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(runtime.model_dump(mode="json"), sort_keys=False))
+    # It may hold a Redis URL with a password: readable by the user only, whatever the umask.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(yaml.safe_dump(runtime.model_dump(mode="json"), sort_keys=False))
     return path
 
 

@@ -13,6 +13,14 @@ from serve.config.ray_settings import RAY_SERVE_HEALTH_PATH, RayServeSettings, R
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 
+
+def safe_name(name: str) -> str:
+    """An org/name form is fine, but no empty, "." or ".." segment: names become folder names in the cache."""
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise ValueError(f"{name!r}: a name's /-separated parts may not be empty, '.' or '..'")
+    return name
+
+
 # Sampling parameters a model file may give defaults for. Anything else belongs to the client.
 SAMPLING_KEYS = frozenset(
     {
@@ -211,12 +219,18 @@ class ModelFile(Strict):
         routing = {"health_path": RAY_SERVE_HEALTH_PATH, **(policy.get("routing") or {})}
         return {**data, "policy": {**policy, "routing": routing}}
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        return safe_name(name)
+
     @field_validator("aliases")
     @classmethod
     def _alias_names(cls, aliases: list[str]) -> list[str]:
         for alias in aliases:
             if not re.match(NAME_PATTERN, alias):
                 raise ValueError(f"alias {alias!r} is not a valid model name")
+            safe_name(alias)
         return aliases
 
     @model_validator(mode="after")

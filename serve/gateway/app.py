@@ -26,7 +26,7 @@ from serve.gateway.errors import ClientClosed, GatewayError, InternalError, Meth
 from serve.gateway.keystore import KeyStore
 from serve.gateway.limits import create_limiter
 from serve.gateway.metrics import GatewayMetrics
-from serve.gateway.middleware import authenticate, check_head, record, request_id
+from serve.gateway.middleware import authenticate, check_head, client_request_id, new_request_id, record
 from serve.gateway.pool import EndpointPool, HealthChecker
 from serve.gateway.protocol import openapi_document
 from serve.gateway.proxy import Upstream
@@ -85,10 +85,11 @@ class Gateway:
         route = self.routes.get(path)
         client = scope.get("client")
         ctx = RequestContext(
-            id=request_id(header(scope, b"x-request-id")),
+            id=new_request_id(),
             start=start,
             route=route.label if route is not None else "other",
             client=client[0] if client else None,
+            client_request_id=client_request_id(header(scope, b"x-request-id")),
         )
         scope[CONTEXT] = ctx
         token = request_id_var.set(ctx.id)

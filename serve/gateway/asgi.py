@@ -56,7 +56,7 @@ async def read_body(receive: Receive, limit: int, declared: bytes | None) -> byt
 def response_headers(
     ctx: RequestContext, content_type: bytes, extra: list[tuple[bytes, bytes]] | None = None
 ) -> list[tuple[bytes, bytes]]:
-    headers = [(b"content-type", content_type), (b"x-request-id", ctx.id.encode())]
+    headers = [(b"content-type", content_type), (b"x-request-id", (ctx.client_request_id or ctx.id).encode())]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in ctx.headers.items()]
     if extra:
         headers += extra

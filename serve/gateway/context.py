@@ -21,10 +21,14 @@ CONTEXT = "llmserve.context"
 
 @dataclass(slots=True, eq=False)
 class RequestContext:
+    # The gateway's own id: what the engine sees and every log line carries.
     id: str
     start: float
     route: str
     client: str | None = None
+    # A well-formed X-Request-Id the client sent: returned to it and logged beside `id`, never sent to an engine
+    # (tenants could collide engine request ids).
+    client_request_id: str | None = None
     resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     key: KeyRecord | None = None
     # The served model name the request resolved to ("none" until then).

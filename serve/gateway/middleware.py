@@ -23,13 +23,17 @@ access_log = logging.getLogger("serve.gateway.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-def request_id(incoming: bytes | None) -> str:
-    """A well-formed X-Request-Id as given, else a new one."""
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def client_request_id(incoming: bytes | None) -> str | None:
+    """A well-formed X-Request-Id as the client sent it, else None."""
     if incoming is not None:
         text = incoming.decode("latin-1")
         if _VALID_REQUEST_ID.match(text):
             return text
-    return uuid.uuid4().hex
+    return None
 
 
 def check_head(scope: Scope, max_bytes: int) -> None:
@@ -65,6 +69,7 @@ def record(ctx: RequestContext, metrics: GatewayMetrics, method: str, api: bool)
             extra={
                 "access": {
                     "request_id": ctx.id,
+                    "client_request_id": ctx.client_request_id,
                     "client": ctx.client,
                     "method": method,
                     "route": ctx.route,

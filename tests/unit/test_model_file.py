@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from serve.config.loader import ConfigError
-from serve.config.model_file import load_model_file, model_file_data
+from serve.config.model_file import ModelFile, load_model_file, model_file_data
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
@@ -202,3 +202,12 @@ def test_ray_file_is_the_local_file_on_ray_serve() -> None:
     assert ray.ray is not None and ray.ray.serve is not None and ray.ray.serve.autoscaling is not None
     assert ray.policy.routing.health_path == "/v1/models"
     assert ray.policy.model_copy(update={"routing": local.policy.routing}) == local.policy
+
+
+@pytest.mark.parametrize("name", ["a/../../etc", "..", "org/..", "a//b", "org/", "./x"])
+def test_names_cannot_leave_the_cache_folder(name: str) -> None:
+    data = {"name": name, "source": "a/b", "engine": {"max_model_len": 100}, "policy": {"max_tokens_cap": 10}}
+    with pytest.raises(ValueError):
+        ModelFile.model_validate(data)
+    with pytest.raises(ValueError):
+        ModelFile.model_validate({**data, "name": "ok", "aliases": [name]})

@@ -62,6 +62,8 @@ def test_a_key_made_by_keys_create_works_with_the_gateway_up_starts(
         stack.engines.append(Engine(model=model, url="http://127.0.0.1:9", child=child))
     runtime = write_runtime_config(stack)
     assert runtime == home / "run" / "gateway.yaml"
+    # It may hold a Redis URL with a password: the user's only.
+    assert runtime.stat().st_mode & 0o777 == 0o600
 
     # What the gateway child does with it: `llmserve gateway --config <runtime file>`, from another folder.
     monkeypatch.chdir(tmp_path)

@@ -46,8 +46,14 @@ USAGE = encode({"id": "x", "choices": [], "usage": {"prompt_tokens": 7, "complet
         (DONE, Kind.DONE),
         (encode({"error": {"message": "boom", "type": "x", "param": None, "code": None}}), Kind.ERROR),
         (encode({"object": "error", "message": "boom"}), Kind.ERROR),
-        (b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Pa"}\n\n', Kind.OUTPUT),
-        (b'event: response.reasoning_text.delta\ndata: {"type":"response.reasoning_text.delta","delta":"h"}\n\n', Kind.OUTPUT),
+        (
+            b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"Pa"}\n\n',
+            Kind.OUTPUT,
+        ),
+        (
+            b'event: response.reasoning_text.delta\ndata: {"type":"response.reasoning_text.delta","delta":"h"}\n\n',
+            Kind.OUTPUT,
+        ),
         (
             b'event: response.completed\ndata: {"type":"response.completed","response":{"output":[{"content":'
             b'[{"type":"output_text","text":"Paris"}]}],"usage":{"input_tokens":5,"output_tokens":2}}}\n\n',
