@@ -35,6 +35,8 @@ class FakeEngine:
     end_blank_line: bool = True
     # Deltas to stream instead of "tok0", "tok1", ... (reasoning or tool-call deltas, say).
     deltas: list[dict[str, Any]] | None = None
+    # Bytes of one event that never ends (no blank line), sent in 64 KiB chunks after the role event.
+    endless_event: int = 0
 
     def app(self) -> Starlette:
         return Starlette(
@@ -83,6 +85,12 @@ class FakeEngine:
         base = {"id": "x", "object": "chat.completion.chunk", "model": body["model"]}
         try:
             yield event({**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
+            if self.endless_event:
+                yield b'data: {"choices":[{"index":0,"delta":{"content":"'
+                for _ in range(self.endless_event // 65536):
+                    yield b"x" * 65536
+                self.finished.set()
+                return
             deltas = self.deltas or [{"content": f"tok{i} "} for i in range(self.chunks)]
             for i, delta in enumerate(deltas):
                 await asyncio.sleep(self.delay)

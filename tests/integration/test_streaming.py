@@ -122,3 +122,18 @@ def test_sse_framing_variants(gateway: Gateway, crlf: bool, end_blank_line: bool
     assert metric_sum(metrics, "gateway_completion_tokens_total", model="fake-model") == 4
     assert metric_sum(metrics, "gateway_time_to_first_token_seconds_count", model="fake-model") == 1
     assert metric_sum(metrics, "gateway_inter_token_latency_seconds_count", model="fake-model") == 3
+
+
+def test_an_event_that_never_ends_is_cut_at_the_bound(gateway: Gateway) -> None:
+    """16 MiB without the blank line that ends an event: an error event at the bound, not 16 MiB buffered."""
+    gateway.engine.endless_event = 16 * 1024 * 1024
+    started = time.monotonic()
+    with httpx.stream("POST", f"{gateway.v1}/chat/completions", json=BODY, headers=auth(gateway), timeout=60) as resp:
+        assert resp.status_code == 200
+        data = events(resp)
+    assert json.loads(data[-1])["error"]["code"] == "event_too_large"
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 5
+    while metric_sum(httpx.get(f"{gateway.url}/metrics").text, "gateway_inflight_requests", model="fake-model"):
+        assert time.monotonic() < deadline, "the request was not released"
+        time.sleep(0.05)
