@@ -57,6 +57,9 @@ class GatewayFile(Strict):
     models: list[ModelEntry] = Field(default_factory=list)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(default=32 * 1024, gt=0)
+    # The largest SSE event relayed from an engine (prompt_logprobs on a long prompt make big ones); past it the
+    # stream ends with an error event.
+    max_event_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # The HTTP server's guards against slow clients (serve/gateway/http_protocol.py): seconds from a connection's
     # opening (or a request's first byte) to the end of its head; seconds a body may take, plus one more for every
     # body_min_rate bytes of it that arrived; connections one gateway process holds (past it: 503 with Retry-After).

@@ -174,7 +174,12 @@ class Gateway:
         state = GatewayState(
             models=models,
             pools=pools,
-            upstream=Upstream(client=engines, engine_key=settings.engine_key, metrics=self.metrics),
+            upstream=Upstream(
+                client=engines,
+                engine_key=settings.engine_key,
+                metrics=self.metrics,
+                max_event_bytes=settings.file.max_event_bytes,
+            ),
             keystore=self.keystore,
             metrics=self.metrics,
             drain=self.drain,

@@ -18,7 +18,6 @@ from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.pool import Lease
 from serve.gateway.relay import StreamRelay
 from serve.gateway.upstream import ConnectFailed, EngineBroken, EngineClient, EngineResponse
-from serve.protocol.stream import MAX_EVENT_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class Upstream:
     client: EngineClient
     engine_key: str | None
     metrics: GatewayMetrics
-    max_event_bytes: int = MAX_EVENT_BYTES
+    max_event_bytes: int
 
 
 @dataclass(slots=True)

@@ -13,9 +13,6 @@ from typing import Any
 
 DONE = b"data: [DONE]\n\n"
 
-# Default bound on one event: a bigger one is a broken or hostile upstream, not a token.
-MAX_EVENT_BYTES = 4 * 1024 * 1024
-
 
 class Kind(enum.Enum):
     OUTPUT = "output"  # generated output of any kind
@@ -176,7 +173,8 @@ class EventSplitter:
 
     __slots__ = ("_buf", "_cr", "max_event_bytes")
 
-    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
+    def __init__(self, max_event_bytes: int | None = None) -> None:
+        """`max_event_bytes` bounds one event (a relay must not buffer without end); None: unbounded."""
         self._buf = bytearray()
         self._cr = False
         self.max_event_bytes = max_event_bytes
@@ -213,7 +211,7 @@ class EventSplitter:
                 del buf[:pos]
         elif pos < len(data):
             buf += data[pos:]
-        if len(buf) > self.max_event_bytes:
+        if self.max_event_bytes is not None and len(buf) > self.max_event_bytes:
             size = len(buf)
             buf.clear()
             raise EventTooLarge(f"an event passed {self.max_event_bytes} bytes ({size}) without its end")
