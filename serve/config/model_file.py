@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field, HttpUrl, field_validator, model_validator
 
+from serve.config.field_policy import FieldPolicy
 from serve.config.loader import Data, Strict, load_layered, merge_layers, read_layers, resolve_path
 from serve.config.ray_settings import RAY_SERVE_HEALTH_PATH, RayServeSettings, RaySettings
 
@@ -159,6 +160,10 @@ class Policy(Strict):
     defaults: dict[str, Any] = Field(default_factory=dict)
     max_messages: int = Field(default=256, gt=0)
     max_n: int = Field(default=4, gt=0)
+    # Sequences one request may have the engine generate: the prompts of a completions batch x n (or best_of).
+    max_sequences_per_request: int = Field(default=16, gt=0)
+    # Which request fields reach the engine, how large, and where media may come from.
+    fields: FieldPolicy = Field(default_factory=FieldPolicy)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     routing: Routing = Field(default_factory=Routing)
 
@@ -174,6 +179,8 @@ class Policy(Strict):
     def _default_within_cap(self) -> Policy:
         if self.default_max_tokens is not None and self.default_max_tokens > self.max_tokens_cap:
             raise ValueError("default_max_tokens is above max_tokens_cap")
+        if self.max_n > self.max_sequences_per_request:
+            raise ValueError("max_n is above max_sequences_per_request: such an n would always be refused")
         return self
 
 

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from serve.config.keys import KeyRecord
 from serve.config.model_file import ModelFile, Policy
 from serve.gateway.errors import BadRequest, NotFound
+from serve.gateway.fields import MediaHost, cache_salt, check_fields, check_sequences, per_prompt, prompt_count
 from serve.gateway.tokens import TokenCounter
 
 Kind = Literal["chat", "completion"]
@@ -25,11 +26,18 @@ class Prepared:
     affinity: str | None = None
     # Completions may carry a batch of prompts; each gets max_tokens (times n).
     prompts: int = 1
+    # Media URLs whose host names must resolve to public addresses before an engine may fetch them.
+    media_hosts: tuple[MediaHost, ...] = ()
+
+    @property
+    def sequences(self) -> int:
+        """Sequences the engine generates: every prompt of the batch times n (best_of when larger)."""
+        return self.prompts * per_prompt(self.body)
 
     @property
     def reserve_tokens(self) -> int:
         """Tokens this request may use at most: what a tokens-per-minute budget reserves at admission."""
-        return self.prompt_tokens + self.max_tokens * int(self.body.get("n") or 1) * self.prompts
+        return self.prompt_tokens + self.max_tokens * self.sequences
 
 
 def _positive_int(body: dict[str, Any], field: str) -> int | None:
@@ -100,16 +108,25 @@ def apply_policy(
     counter: TokenCounter | None = None,
     session: str | None = None,
     exact: bool = True,
+    key: KeyRecord | None = None,
+    salt_secret: str | None = None,
 ) -> Prepared:
     """The body to forward and what admission needs to know of it.
 
     `exact=False` says that nothing needs the prompt's exact token count (the key has no tokens-per-minute limit
     and routing does not hash the prompt): a prompt that clearly fits the context is then not tokenized.
+    With a `key`, the engine's prefix cache is salted for that key (HMAC with `salt_secret`); a client's own
+    `cache_salt` never reaches the engine as sent.
     """
     policy = model.policy
     check_shape(body, kind, policy)
+    media_hosts = check_fields(body, kind == "chat", policy.fields)
+    check_sequences(body, policy.max_sequences_per_request)
     out = dict(body)
     out["model"] = model.name
+    client_salt = out.pop("cache_salt", None)
+    if key is not None:
+        out["cache_salt"] = cache_salt(key, salt_secret, client_salt)
     asked = [f for f in ("max_tokens", "max_completion_tokens") if _positive_int(out, f) is not None]
     for field in asked:
         if out[field] > policy.max_tokens_cap:
@@ -151,6 +168,4 @@ def apply_policy(
             affinity = info.prefix_key
     if policy.routing.policy == "session_affinity":
         affinity = session
-    prompt = out.get("prompt")
-    batch = len(prompt) if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else 1
-    return Prepared(out, stream, strip_usage, max_tokens, prompt_tokens, affinity, batch)
+    return Prepared(out, stream, strip_usage, max_tokens, prompt_tokens, affinity, prompt_count(out), media_hosts)

@@ -15,6 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
 from serve.gateway.context import RequestContext
 from serve.gateway.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
+from serve.gateway.fields import check_media_hosts
 from serve.gateway.policy import Kind, apply_policy, check_access
 from serve.gateway.proxy import Forward, Proxy
 from serve.gateway.state import GatewayState
@@ -68,10 +69,13 @@ async def generate(
     assert ctx.key is not None
     # Only a tokens-per-minute budget needs the prompt's exact count; a prompt that clearly fits is not tokenized.
     exact = ctx.key.tpm is not None
+    policy_args = (body, model, kind, found.counter, session, exact, ctx.key, state.upstream.engine_key)
     if off_loop:
-        prepared = await asyncio.to_thread(apply_policy, body, model, kind, found.counter, session, exact)
+        prepared = await asyncio.to_thread(apply_policy, *policy_args)
     else:
-        prepared = apply_policy(body, model, kind, found.counter, session, exact)
+        prepared = apply_policy(*policy_args)
+    if prepared.media_hosts:  # before any lease or limit is taken: a slow resolver holds nothing
+        await check_media_hosts(prepared.media_hosts, model.policy.fields)
     metrics = state.metrics
     try:
         lease = ctx.resources.enter_context(found.pool.lease(prepared.affinity))
