@@ -10,13 +10,66 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from serve.config.keys import KeyRecord
 
 CONTEXT = "llmserve.context"
+
+T = TypeVar("T")
+# Seconds into a request before its client is watched for leaving (see RequestContext.watch_client).
+WATCH_AFTER = 0.05
+log = logging.getLogger(__name__)
+
+
+class Resources:
+    """What one request holds, released last-taken first by `aclose`, each release whatever the others do.
+
+    The part of contextlib.AsyncExitStack a request needs, at a fraction of its cost per request: no exception
+    is passed into the releases (each one releases, nothing more), and a release that fails is logged and the
+    rest still run, so one broken release cannot leak the others.
+    """
+
+    __slots__ = ("_releases",)
+
+    def __init__(self) -> None:
+        self._releases: list[tuple[Callable[..., Any], tuple[Any, ...], bool]] = []
+
+    def callback(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._releases.append((fn, args, False))
+
+    def push_async_callback(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        self._releases.append((fn, args, True))
+
+    def enter_context(self, cm: contextlib.AbstractContextManager[T]) -> T:
+        value = cm.__enter__()
+        self._releases.append((cm.__exit__, (None, None, None), False))
+        return value
+
+    async def enter_async_context(self, cm: contextlib.AbstractAsyncContextManager[T]) -> T:
+        value = await cm.__aenter__()
+        self._releases.append((cm.__aexit__, (None, None, None), True))
+        return value
+
+    async def aclose(self) -> None:
+        releases = self._releases
+        cancelled: BaseException | None = None
+        while releases:
+            fn, args, is_async = releases.pop()
+            try:
+                if is_async:
+                    await fn(*args)
+                else:
+                    fn(*args)
+            except asyncio.CancelledError as exc:
+                cancelled = exc  # the rest is still released; the cancellation goes on afterwards
+            except Exception:
+                log.exception("releasing a request's resource failed")
+        if cancelled is not None:
+            raise cancelled
 
 
 @dataclass(slots=True, eq=False)
@@ -29,7 +82,7 @@ class RequestContext:
     # A well-formed X-Request-Id the client sent: returned to it and logged beside `id`, never sent to an engine
     # (tenants could collide engine request ids).
     client_request_id: str | None = None
-    resources: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    resources: Resources = field(default_factory=Resources)
     key: KeyRecord | None = None
     # The served model name the request resolved to ("none" until then).
     model: str = "none"
@@ -77,10 +130,13 @@ class RequestContext:
         """Cancel the request's task if the client disconnects before the answer is complete.
 
         Called once the body is read (until then `receive` belongs to the body). `client_gone` tells the entry that
-        a cancellation means "the client left" (499), not a shutdown. The watch is a resource: it ends with the
-        request.
+        a cancellation means "the client left" (499), not a shutdown. The watch starts WATCH_AFTER seconds in:
+        most answers are done by then and need no watcher task at all; a client that leaves sooner is noticed
+        then. The watch is a resource: it ends with the request.
         """
         task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        watcher: list[asyncio.Future[None]] = []
 
         async def watch() -> None:
             while True:
@@ -92,8 +148,18 @@ class RequestContext:
                         task.cancel()
                     return
 
-        watcher = asyncio.ensure_future(watch())
-        self.resources.callback(watcher.cancel)
+        def start() -> None:
+            if not self.responded:
+                watcher.append(asyncio.ensure_future(watch()))
+
+        timer = loop.call_later(WATCH_AFTER, start)
+
+        def stop() -> None:
+            timer.cancel()
+            for w in watcher:
+                w.cancel()
+
+        self.resources.callback(stop)
 
 
 def context_of(scope: dict[str, Any]) -> RequestContext:

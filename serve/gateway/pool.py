@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -68,6 +66,12 @@ class Lease:
         if self.endpoint.failures:
             self.endpoint.reset()
 
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.endpoint.outstanding -= 1
+
     def failed(self, key_id: str, connect: bool = False) -> bool:
         """Count a failure of this endpoint for a request of this key; True when it ejected the endpoint."""
         return self.pool.record_failure(self.endpoint, key_id, connect)
@@ -103,12 +107,10 @@ class EndpointPool:
             return rendezvous(affinity, healthy)
         return min(healthy, key=lambda ep: ep.outstanding)
 
-    @contextlib.contextmanager
-    def lease(self, affinity: str | None = None) -> Iterator[Lease]:
-        """Hold a place on an endpoint for one request; 503 before anything is spent when none can take it.
-
-        The check and the taking have no await between them, so a burst cannot overshoot `max_inflight`.
-        """
+    def lease(self, affinity: str | None = None) -> Lease:
+        """Hold a place on an endpoint for one request until the lease is exited; 503 before anything is spent
+        when none can take it. The check and the taking have no await between them, so a burst cannot overshoot
+        `max_inflight`."""
         cap = self.routing.max_inflight
         if cap is not None and self.inflight >= cap:
             raise Unavailable(
@@ -119,11 +121,7 @@ class EndpointPool:
         endpoint = self.choose(affinity)
         if endpoint is None:
             raise Unavailable(f"no healthy engine for model {self.model!r}", headers={"retry-after": "1"})
-        held = Lease(self, endpoint, affinity)
-        try:
-            yield held
-        finally:
-            held.endpoint.outstanding -= 1
+        return Lease(self, endpoint, affinity)
 
     def record_failure(self, endpoint: Endpoint, key_id: str, connect: bool) -> bool:
         """Eject on what belongs to the engine: connect errors, or failures seen by several keys."""
@@ -170,9 +168,10 @@ class HealthChecker:
     def mark(self, pool: EndpointPool, endpoint: Endpoint, healthy: bool) -> None:
         if endpoint.healthy != healthy:
             log.info("endpoint %s of %s is now %s", endpoint.url, pool.model, "up" if healthy else "down")
-        endpoint.healthy = healthy
-        if healthy:
+        if healthy and not endpoint.healthy:
+            # Back in: a clean slate. A check that merely passes does not wipe a run of request failures.
             endpoint.reset()
+        endpoint.healthy = healthy
 
     async def probe(self, pool: EndpointPool, endpoint: Endpoint) -> None:
         try:
