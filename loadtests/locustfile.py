@@ -26,13 +26,20 @@ from locust.user.task import LOCUST_STATE_STOPPING
 from loadtests.accounting import RequestRecord
 from loadtests.client import send
 from loadtests.config import LoadConfig, LocustRun, add_locust_options, default_model_name, from_args, parse_sampling
-from loadtests.scenarios import Lengths, RequestSpec, generate
+from loadtests.scenarios import Lengths, RequestSpec, stream
 from loadtests.shapes import arrival_offsets
 
 
 @events.init_command_line_parser.add_listener
 def add_arguments(parser: Any) -> None:
     add_locust_options(parser, (LoadConfig, LocustRun))
+
+
+@events.init.add_listener
+def on_init(environment: Any, **_: Any) -> None:
+    # gevent's loop caches its clock between iterations, and Locust's start-up (imports, no iteration) leaves it a
+    # second or more stale: the run-time timer Locust sets next would fire that much early and cut the window.
+    gevent.get_hub().loop.update_now()
 
 
 class Plan:
@@ -45,7 +52,8 @@ class Plan:
         self.run = run = from_args(LocustRun, o, locust=True)
         lengths = Lengths(c.input_len, c.output_len, c.max_output_len, run.max_model_len)
         model = run.model or default_model_name()
-        self.specs: list[RequestSpec] = generate(
+        # Made as they are taken, then reused: the same index is the same request on every target.
+        self.pending = stream(
             c.scenario,
             model,
             c.pool_size,
@@ -54,6 +62,7 @@ class Plan:
             ignore_eos=c.ignore_eos,
             sampling=parse_sampling(run.sampling),
         )
+        self.specs: list[RequestSpec] = []
         self.extra = {"cache_salt": run.salt} if run.salt else {}
         self.counter = itertools.count()
         self.started = time.time()
@@ -78,7 +87,9 @@ class Plan:
             return None
         index = next(self.counter)
         self.sent += 1
-        return self.specs[index % len(self.specs)], index
+        if index < self.config.pool_size:
+            self.specs.append(next(self.pending))
+        return self.specs[index % self.config.pool_size], index
 
     def stop(self) -> None:
         if self.quitting:

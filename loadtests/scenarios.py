@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +202,21 @@ def generate(
     or a server that fills in its own defaults (a gateway's policy) does different work for the same request.
     Without it the bodies carry none (the load-test config decides them, loadtests/config.py).
     """
+    return list(stream(name, model, count, seed, lengths, ignore_eos=ignore_eos, sampling=sampling))
+
+
+def stream(
+    name: str,
+    model: str,
+    count: int,
+    seed: int = 0,
+    lengths: Lengths | None = None,
+    *,
+    ignore_eos: bool = True,
+    sampling: dict[str, Any] | None = None,
+) -> Iterator[RequestSpec]:
+    """The requests of `generate`, made one at a time as they are taken (building thousands of prompts up front
+    would eat into the first seconds of a run)."""
     lengths = lengths or Lengths()
     sampling = sampling or {}
     rng = random.Random(f"{seed}:{name}")
@@ -212,10 +228,8 @@ def generate(
         picks = [name] * count
     else:
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(scenario_names())}")
-    out = []
     for index, pick in enumerate(picks):
         spec = SCENARIOS[pick]
         input_len, output_len = fit_lengths(spec, spec.input_len.sample(rng), spec.output_len.sample(rng), lengths)
         body = build_body(spec, model, index, input_len, output_len, rng, ignore_eos=ignore_eos, sampling=sampling)
-        out.append(RequestSpec(index, pick, spec.path, spec.stream, input_len, output_len, body))
-    return out
+        yield RequestSpec(index, pick, spec.path, spec.stream, input_len, output_len, body)

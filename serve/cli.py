@@ -1,4 +1,4 @@
-"""The `llmserve` command: up, gateway, engine, models, keys, config check, k8s, bench."""
+"""The `llmserve` command: up, gateway, engine, models, keys, adapters, config check, k8s, bench."""
 
 from __future__ import annotations
 
@@ -265,6 +265,10 @@ def parser() -> argparse.ArgumentParser:
     from serve.bench import add_bench_parser
 
     add_bench_parser(sub)
+
+    from serve.adapters_cli import add_adapters_parser
+
+    add_adapters_parser(sub)
     return p
 
 

@@ -51,6 +51,10 @@ RESERVED_FLAGS = frozenset(
         "-pp",
         "--max-model-len",
         "--dtype",
+        "--enable-lora",
+        "--max-loras",
+        "--max-lora-rank",
+        "--lora-modules",
     }
 )
 
@@ -184,6 +188,36 @@ class Policy(Strict):
         return self
 
 
+# Ranks vLLM's --max-lora-rank accepts.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+class LoraSettings(Strict):
+    """LoRA on the engine: how many adapters a batch may mix, the largest rank, runtime loading."""
+
+    max_loras: int = Field(default=2, ge=1)
+    # Unset: the smallest rank vLLM accepts that holds every listed adapter (16 for one of unknown rank, or none).
+    max_rank: int | None = None
+    # `llmserve adapters load/unload` on a running stack (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING).
+    runtime_updates: bool = True
+
+    @field_validator("max_rank")
+    @classmethod
+    def _vllm_rank(cls, rank: int | None) -> int | None:
+        if rank is not None and rank not in LORA_RANKS:
+            raise ValueError(f"vLLM accepts the ranks {', '.join(map(str, LORA_RANKS))}")
+        return rank
+
+
+class Adapter(Strict):
+    """A LoRA adapter served beside its base model under a name of its own."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    # A local folder (./ or ../ relative to this file, or absolute) or a Hugging Face id (org/name).
+    source: str = Field(min_length=1)
+    rank: int | None = Field(default=None, gt=0, le=LORA_RANKS[-1])
+
+
 class DnsDiscovery(Strict):
     """Engines behind a DNS name (a Kubernetes headless Service), re-resolved at every health check."""
 
@@ -213,6 +247,9 @@ class ModelFile(Strict):
     tokenizer: str | None = None
     # The Ray cluster for vLLM's Ray executor, or `ray.serve` to run the replicas on Ray Serve.
     ray: RaySettings | None = None
+    # LoRA on the engine (implied by `adapters`), and the adapters it starts with.
+    lora: LoraSettings | None = None
+    adapters: list[Adapter] = Field(default_factory=list)
 
     @model_validator(mode="before")
     @classmethod
@@ -252,7 +289,33 @@ class ModelFile(Strict):
             raise ValueError("policy.max_tokens_cap must be below engine.max_model_len")
         if self.ray is not None and self.ray.serve is not None:
             self._check_ray_serve(self.ray.serve)
+        self._check_adapters()
         return self
+
+    def _check_adapters(self) -> None:
+        names = [adapter.name for adapter in self.adapters]
+        taken = set(self.names)
+        for name in names:
+            if name in taken:
+                raise ValueError(f"adapter name {name!r} repeats a model or adapter name")
+            taken.add(name)
+        top = self.lora.max_rank if self.lora is not None else None
+        for adapter in self.adapters:
+            if top is not None and adapter.rank is not None and adapter.rank > top:
+                raise ValueError(f"adapter {adapter.name!r} has rank {adapter.rank}, above lora.max_rank {top}")
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self.lora is not None or bool(self.adapters)
+
+    @property
+    def max_lora_rank(self) -> int:
+        """The engine's --max-lora-rank: the file's, else the smallest vLLM rank that holds every adapter."""
+        if self.lora is not None and self.lora.max_rank is not None:
+            return self.lora.max_rank
+        # An adapter of unknown rank may need vLLM's default rank (16).
+        need = max((a.rank or LORA_RANKS[2] for a in self.adapters), default=LORA_RANKS[2])
+        return next(rank for rank in LORA_RANKS if rank >= need)
 
     def _check_ray_serve(self, serve: RayServeSettings) -> None:
         if self.endpoints or self.discovery is not None:
@@ -279,6 +342,14 @@ def resolve_model_paths(data: Data, folder: Path) -> Data:
         out["tokenizer"] = str(resolve_path(folder, out["tokenizer"]))
     if isinstance(out.get("source"), str) and is_relative_folder(out["source"]):
         out["source"] = str(resolve_path(folder, out["source"]))
+    adapters = out.get("adapters")
+    if isinstance(adapters, list):
+        out["adapters"] = [
+            {**a, "source": str(resolve_path(folder, a["source"]))}
+            if isinstance(a, dict) and isinstance(a.get("source"), str) and is_relative_folder(a["source"])
+            else a
+            for a in adapters
+        ]
     synthetic = out.get("synthetic")
     tokenizer_from = synthetic.get("tokenizer_from") if isinstance(synthetic, dict) else None
     if isinstance(synthetic, dict) and isinstance(tokenizer_from, str) and is_relative_folder(tokenizer_from):

