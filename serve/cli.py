@@ -128,6 +128,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         max_concurrency=args.max_concurrency,
         expires=expiry_from_args(args),
+        priority=args.priority,
+        weight=args.weight,
     )
     print(f"created {record.id} ({record.name}); the key is shown only once:\n{plain}")
     return 0
@@ -182,6 +184,16 @@ def cmd_config_check(args: argparse.Namespace) -> int:
             continue
         print(f"ok   {path} ({model.name}, {model.engine.device}, TPxPP={model.engine.world_size})")
     return 1 if failed else 0
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def positive_int(text: str) -> int:
@@ -239,6 +251,14 @@ def parser() -> argparse.ArgumentParser:
     kc.add_argument("--rpm", type=positive_int, help="requests per minute (default: unlimited)")
     kc.add_argument("--tpm", type=positive_int, help="tokens per minute, prompt + completion (default: unlimited)")
     kc.add_argument("--max-concurrency", type=positive_int, help="requests in flight at once (default: unlimited)")
+    kc.add_argument(
+        "--priority",
+        choices=["interactive", "standard", "batch"],
+        help="class when a model's engines are full: interactive first, batch last (default: standard)",
+    )
+    kc.add_argument(
+        "--weight", type=positive_float, help="share of its class's tokens, against the class's other keys (default: 1)"
+    )
     expiry = kc.add_mutually_exclusive_group()
     expiry.add_argument(
         "--expires", help="expiry as ISO 8601, e.g. 2030-01-31 or 2030-01-31T12:00:00+02:00 (UTC if no offset)"

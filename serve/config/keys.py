@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError, field_validator
@@ -40,6 +40,10 @@ class KeyRecord(Strict):
     max_concurrency: int | None = Field(default=None, gt=0)
     expires: datetime | None = None
     disabled: bool = False
+    # Who goes first when a model's engines are full: classes in strict order (with an ageing bound for batch),
+    # keys of one class by tokens served, in proportion to their weight.
+    priority: Literal["interactive", "standard", "batch"] = "standard"
+    weight: float = Field(default=1.0, gt=0)
 
     @field_validator("created", "expires")
     @classmethod
@@ -178,9 +182,13 @@ def create_key(
     tpm: int | None = None,
     max_concurrency: int | None = None,
     expires: datetime | None = None,
+    priority: Literal["interactive", "standard", "batch"] | None = None,
+    weight: float | None = None,
 ) -> tuple[str, KeyRecord]:
     """Add a new key to the file; returns the plain key (shown once) and its record."""
     plain = generate_key()
+    # Unset: the record's own defaults (one place).
+    scheduling: dict[str, Any] = {k: v for k, v in (("priority", priority), ("weight", weight)) if v is not None}
     record = KeyRecord(
         id="key_" + secrets.token_hex(6),
         name=name,
@@ -191,6 +199,7 @@ def create_key(
         tpm=tpm,
         max_concurrency=max_concurrency,
         expires=expires,
+        **scheduling,
     )
     with editing(path) as keys:
         save_keys(path, KeysFile(keys=[*keys.keys, record]))

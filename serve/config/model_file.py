@@ -72,6 +72,8 @@ class EngineSettings(Strict):
     kv_cache_memory_gib: float | None = Field(default=None, gt=0)
     max_num_seqs: int | None = Field(default=None, gt=0)
     max_num_batched_tokens: int | None = Field(default=None, gt=0)
+    # "priority": vLLM orders its own queue by the request's priority, which the gateway sets from the key's class.
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
     enable_prefix_caching: bool | None = None
     enable_chunked_prefill: bool | None = None
     quantization: str | None = None
@@ -156,6 +158,24 @@ class Routing(Strict):
     health_path: str = Field(default="/health", pattern=r"^/")
 
 
+class Scheduling(Strict):
+    """The gateway's queue for this model: who waits when the engines are full, and for how long."""
+
+    # Off: every admitted request goes to an engine at once and the engines' own queues decide who waits.
+    enabled: bool = True
+    # Requests in flight per engine the gateway aims for; None: the engine's max_num_seqs (vLLM's default, 256,
+    # when the model file sets none). Engines that report waiting requests get no more until they do not.
+    max_running_per_engine: int | None = Field(default=None, gt=0)
+    # Requests waiting in the gateway for this model; past it, 429 queue_full.
+    max_queue: int = Field(default=1024, ge=0)
+    # Seconds a request may wait in the gateway's queue; past it, 429 queue_timeout.
+    max_queue_wait: float = Field(default=60.0, gt=0)
+    # Seconds after which a waiting batch request is served as a standard one, so batch work is never starved.
+    max_starvation: float = Field(default=30.0, gt=0)
+    # A key's fair share is counted in tokens served: prompt tokens count 1, output tokens this much (VTC).
+    output_token_weight: float = Field(default=2.0, gt=0)
+
+
 class Policy(Strict):
     """What the gateway enforces and fills in for this model."""
 
@@ -170,6 +190,7 @@ class Policy(Strict):
     fields: FieldPolicy = Field(default_factory=FieldPolicy)
     timeouts: Timeouts = Field(default_factory=Timeouts)
     routing: Routing = Field(default_factory=Routing)
+    scheduling: Scheduling = Field(default_factory=Scheduling)
 
     @field_validator("defaults")
     @classmethod

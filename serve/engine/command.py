@@ -47,6 +47,7 @@ def engine_args(model: ModelFile, model_path: str) -> list[str]:
         ("--kv-cache-memory-bytes", int(e.kv_cache_memory_gib * GIB) if e.kv_cache_memory_gib else None),
         ("--max-num-seqs", e.max_num_seqs),
         ("--max-num-batched-tokens", e.max_num_batched_tokens),
+        ("--scheduling-policy", e.scheduling_policy),
         ("--quantization", e.quantization),
         ("--load-format", e.load_format),
         ("--generation-config", e.generation_config),

@@ -31,6 +31,7 @@ from serve.gateway.pool import EndpointPool, HealthChecker
 from serve.gateway.protocol import openapi_document
 from serve.gateway.proxy import Upstream
 from serve.gateway.routes import route_table
+from serve.gateway.scheduler import Scheduler
 from serve.gateway.state import GatewayState, ModelState
 from serve.gateway.tokens import TokenCounter
 from serve.logs import request_id_var
@@ -155,6 +156,7 @@ class Gateway:
         settings, res = self.settings, self._resources
         models: dict[str, ModelState] = {}
         pools: list[EndpointPool] = []
+        schedulers: list[Scheduler] = []
         for route in settings.routes:
             policy = route.model.policy
             pool = EndpointPool.of(route.model.name, route.endpoints, policy.routing, route.model.discovery)
@@ -162,7 +164,13 @@ class Gateway:
             if not counter.exact:
                 log.warning("no tokenizer for %s: prompt tokens are estimated from length", route.model.name)
             pools.append(pool)
-            models.update(dict.fromkeys(route.model.names, ModelState(model=route.model, pool=pool, counter=counter)))
+            scheduler = None
+            if policy.scheduling.enabled:
+                scheduler = Scheduler(pool, policy.scheduling, route.model.engine.max_num_seqs)
+                pool.watch_queue = True
+                schedulers.append(scheduler)
+            entry = ModelState(model=route.model, pool=pool, counter=counter, scheduler=scheduler)
+            models.update(dict.fromkeys(route.model.names, entry))
         client = await res.enter_async_context(http_client())
         engines = EngineHttpClient()
         res.push_async_callback(engines.aclose)
@@ -189,7 +197,13 @@ class Gateway:
             openapi=json.dumps(openapi_document(names)).encode(),
             metrics_key=settings.metrics_key,
         )
-        self.metrics.watch_pools(lambda: state.pools)
+        self.metrics.watch_pools(lambda: state.pools, lambda: schedulers)
+
+        def refuse_queued() -> None:
+            for scheduler in schedulers:
+                scheduler.refuse_all()
+
+        self.drain.on_begin = refuse_queued
         self.drain.inflight = lambda: state.inflight
         loop = asyncio.get_running_loop()
         # SIGHUP re-reads the keys file at once, whether or not it looks changed.

@@ -101,6 +101,8 @@ class RequestContext:
     headers: dict[str, str] = field(default_factory=dict)
     # Why the request failed, for the error counter (one reason per request).
     failure: str | None = None
+    # Seconds the request waited in the gateway's queue for an engine.
+    queue_wait: float | None = None
     # Set just before the last byte is sent; after it a disconnect is the normal end, not the client leaving.
     responded: bool = False
     client_gone: bool = False

@@ -22,6 +22,8 @@ class Drain:
         self.inflight: Callable[[], int] = _nothing
         # Set by the server: called once the drain is over (nothing in flight, or the deadline passed).
         self.on_done: Callable[[], None] | None = None
+        # Set by the app: called when the drain begins, on the loop (it refuses what waits in the queues).
+        self.on_begin: Callable[[], object] | None = None
 
     def begin(self) -> None:
         """Safe to call from a signal handler: it only flips a flag that `watch` polls."""
@@ -31,6 +33,9 @@ class Drain:
         # Polled rather than an asyncio.Event: `begin` runs inside a signal handler, where touching the loop is unsafe.
         while not self.active:  # noqa: ASYNC110
             await asyncio.sleep(poll)
+        if self.on_begin is not None:
+            # Queued requests are answered 503 at once; only those in flight finish.
+            self.on_begin()
         log.info("draining: %d requests in flight, up to %.0fs to finish", self.inflight(), self.timeout)
         deadline = time.monotonic() + self.timeout
         while self.inflight() > 0 and time.monotonic() < deadline:  # noqa: ASYNC110

@@ -127,6 +127,23 @@ class GatewayMetrics:
                 registry=r,
             )
         )
+        self.queue_wait = Labelled(
+            Histogram(
+                "gateway_queue_wait_seconds",
+                "Time a request waited in the gateway's queue for an engine, by model and class.",
+                ["model", "class"],
+                buckets=LATENCY_BUCKETS,
+                registry=r,
+            )
+        )
+        self.served_tokens = Labelled(
+            Counter(
+                "gateway_served_tokens_total",
+                "Prompt plus completion tokens served, by model and key: what the fair share counts.",
+                ["model", "key"],
+                registry=r,
+            )
+        )
         self.health_check_errors = Counter(
             "gateway_health_check_errors_total",
             "Health checks that failed for a reason other than the engine's answer (the loop goes on).",
@@ -138,14 +155,15 @@ class GatewayMetrics:
             registry=r,
         )
 
-    def watch_pools(self, pools: Callable[[], Iterable[Any]]) -> None:
-        """Endpoint gauges read from the pools at scrape time: derived from the leases, never counted twice."""
-        self.registry.register(_PoolCollector(pools))
+    def watch_pools(self, pools: Callable[[], Iterable[Any]], queues: Callable[[], Iterable[Any]]) -> None:
+        """Endpoint and queue gauges read from the pools and schedulers at scrape time: never counted twice."""
+        self.registry.register(_PoolCollector(pools, queues))
 
 
 class _PoolCollector(Collector):
-    def __init__(self, pools: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, pools: Callable[[], Iterable[Any]], queues: Callable[[], Iterable[Any]]) -> None:
         self.pools = pools
+        self.queues = queues
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         inflight = GaugeMetricFamily(
@@ -162,6 +180,15 @@ class _PoolCollector(Collector):
                 up.add_metric([pool.model, ep.url], 1 if ep.healthy else 0)
         yield inflight
         yield up
+        depth = GaugeMetricFamily(
+            "gateway_queue_depth",
+            "Requests waiting in the gateway for an engine, by model and class.",
+            labels=["model", "class"],
+        )
+        for scheduler in self.queues():
+            for klass, waiting in scheduler.depth().items():
+                depth.add_metric([scheduler.pool.model, klass], waiting)
+        yield depth
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Described without reading the pools, so registering it does not collect.

@@ -79,6 +79,7 @@ def record(ctx: RequestContext, metrics: GatewayMetrics, method: str, api: bool)
                     "endpoint": ctx.endpoint,
                     "prompt_tokens": ctx.prompt_tokens,
                     "completion_tokens": ctx.completion_tokens,
+                    "queue_wait_s": _round(ctx.queue_wait),
                     "ttft_s": _round(ctx.ttft),
                     "duration_s": _round(elapsed),
                 }

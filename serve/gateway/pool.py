@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,6 +30,8 @@ class Endpoint:
     failures: int = 0
     failing_keys: set[str] = field(default_factory=set)
     connect_failures: int = 0
+    # Requests the engine itself has waiting (vllm:num_requests_waiting at the last health check).
+    waiting: int = 0
 
     def reset(self) -> None:
         self.failures = self.connect_failures = 0
@@ -71,6 +75,8 @@ class Lease:
 
     def __exit__(self, *_: object) -> None:
         self.endpoint.outstanding -= 1
+        if self.pool.on_change is not None:
+            self.pool.on_change()
 
     def failed(self, key_id: str, connect: bool = False) -> bool:
         """Count a failure of this endpoint for a request of this key; True when it ejected the endpoint."""
@@ -83,6 +89,10 @@ class EndpointPool:
     routing: Routing = field(default_factory=Routing)
     endpoints: list[Endpoint] = field(default_factory=list)
     discovery: DnsDiscovery | None = None
+    # Called when a place may have freed (a lease ended, a health check ran): the model's scheduler, if any.
+    on_change: Callable[[], None] | None = None
+    # Read each engine's vllm:num_requests_waiting at every health check (the scheduler's saturation signal).
+    watch_queue: bool = False
 
     @classmethod
     def of(
@@ -111,6 +121,14 @@ class EndpointPool:
         """Hold a place on an endpoint for one request until the lease is exited; 503 before anything is spent
         when none can take it. The check and the taking have no await between them, so a burst cannot overshoot
         `max_inflight`."""
+        self.check_cap()
+        endpoint = self.choose(affinity)
+        if endpoint is None:
+            raise Unavailable(f"no healthy engine for model {self.model!r}", headers={"retry-after": "1"})
+        return Lease(self, endpoint, affinity)
+
+    def check_cap(self) -> None:
+        """503 when the model is at routing.max_inflight (a hard cap, whatever any queue would do)."""
         cap = self.routing.max_inflight
         if cap is not None and self.inflight >= cap:
             raise Unavailable(
@@ -118,10 +136,6 @@ class EndpointPool:
                 code="overloaded",
                 headers={"retry-after": "1"},
             )
-        endpoint = self.choose(affinity)
-        if endpoint is None:
-            raise Unavailable(f"no healthy engine for model {self.model!r}", headers={"retry-after": "1"})
-        return Lease(self, endpoint, affinity)
 
     def record_failure(self, endpoint: Endpoint, key_id: str, connect: bool) -> bool:
         """Eject on what belongs to the engine: connect errors, or failures seen by several keys."""
@@ -177,6 +191,8 @@ class HealthChecker:
         try:
             resp = await self.client.get(f"{endpoint.url}{pool.routing.health_path}", timeout=min(self.interval, 5.0))
             healthy = resp.status_code == 200
+            if healthy and pool.watch_queue:
+                endpoint.waiting = await self.engine_waiting(endpoint)
         except httpx.HTTPError:
             healthy = False
         except Exception as exc:  # an invalid URL from a DNS answer, say: the endpoint is down, checking goes on
@@ -184,6 +200,21 @@ class HealthChecker:
             self.metrics.health_check_errors.inc()
             healthy = False
         self.mark(pool, endpoint, healthy)
+
+    async def engine_waiting(self, endpoint: Endpoint) -> int:
+        """The engine's own queue (vllm:num_requests_waiting, summed over its series); 0 when it cannot be read."""
+        try:
+            resp = await self.client.get(f"{endpoint.url}/metrics", timeout=min(self.interval, 5.0))
+        except httpx.HTTPError:
+            return 0
+        if resp.status_code != 200:
+            return 0
+        total = 0.0
+        for line in resp.text.splitlines():
+            if line.startswith("vllm:num_requests_waiting"):
+                with contextlib.suppress(ValueError, IndexError):
+                    total += float(line.rsplit(" ", 1)[1])
+        return int(total)
 
     async def resolve(self, pool: EndpointPool) -> None:
         d = pool.discovery
@@ -203,6 +234,9 @@ class HealthChecker:
     async def check_all(self) -> None:
         await asyncio.gather(*(self.resolve(pool) for pool in self.pools))
         await asyncio.gather(*(self.probe(pool, ep) for pool in self.pools for ep in pool.endpoints))
+        for pool in self.pools:
+            if pool.on_change is not None:
+                pool.on_change()
 
     async def run(self) -> None:
         while True:

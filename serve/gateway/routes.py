@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -16,11 +17,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
 from serve.gateway.catalog import Catalog
 from serve.gateway.context import RequestContext
-from serve.gateway.errors import BadRequest, Forbidden, NotFound, RateLimited, Unauthorized, Unavailable
+from serve.gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
 from serve.gateway.fields import check_media_hosts
+from serve.gateway.forward import forward
 from serve.gateway.paths import RouteTable
 from serve.gateway.policy import Kind, apply_policy, check_access
-from serve.gateway.proxy import Forward, Proxy
 from serve.gateway.routes_api import Surface
 from serve.gateway.state import GatewayState
 
@@ -65,7 +66,17 @@ async def generate(
         raise Unavailable("the gateway is shutting down", code="draining", headers={"retry-after": "1"})
     raw = await read_body(receive, state.max_body_bytes, header(scope, b"content-length"))
     off_loop = len(raw) > INLINE_BODY_BYTES
-    body = await asyncio.to_thread(parse_json_object, raw) if off_loop else parse_json_object(raw)
+    # A large body is parsed, checked and serialised in a worker thread, a few at a time: the loop keeps relaying
+    # streams meanwhile, and the memory of bodies in preparation stays bounded. The place is the request's until
+    # its body is ready to send (or the request ends first).
+    preparing = contextlib.AsyncExitStack()
+    ctx.resources.push_async_callback(preparing.aclose)
+    if off_loop:
+        await preparing.enter_async_context(state.large_bodies)
+        body = await asyncio.to_thread(parse_json_object, raw)
+    else:
+        body = parse_json_object(raw)
+    del raw
     requested = body.get("model")
     if not isinstance(requested, str) or not requested:
         raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
@@ -88,31 +99,7 @@ async def generate(
         prepared = apply_policy(*policy_args)
     if prepared.media_hosts:  # before any lease or limit is taken: a slow resolver holds nothing
         await check_media_hosts(prepared.media_hosts, model.policy.fields)
-    metrics = state.metrics
-    try:
-        lease = ctx.resources.enter_context(found.pool.lease(prepared.affinity))
-    except Unavailable as exc:
-        metrics.errors.labels(model.name, "overloaded" if exc.code == "overloaded" else "unavailable").inc()
-        raise
-    try:
-        ticket = await state.limiter.acquire(ctx.key, prepared.reserve_tokens)
-    except RateLimited as exc:
-        metrics.rate_limited.labels(model.name, ctx.key.id, exc.code or "rate_limit").inc()
-        raise
-
-    async def settle() -> None:
-        await state.limiter.settle(ticket, ctx.total_tokens)
-
-    ctx.resources.push_async_callback(settle)
-    ctx.headers.update(ticket.headers)
-    ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
-    ctx.watch_client(receive)
-    try:
-        content = orjson.dumps(prepared.body)
-    except orjson.JSONEncodeError:  # nesting past what is written back (255 levels)
-        raise BadRequest("request body is nested too deeply", code="invalid_json") from None
-    forward = Forward(path, content, prepared.stream, prepared.strip_usage, model.policy.timeouts)
-    await Proxy(state.upstream, ctx, lease, forward).answer(send)
+    await forward(state, ctx, receive, send, found, prepared, path, preparing=preparing if off_loop else None)
 
 
 async def list_models(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 from serve.config.model_file import ModelFile
 from serve.gateway.drain import Drain
@@ -11,7 +12,11 @@ from serve.gateway.limits import Limiter
 from serve.gateway.metrics import GatewayMetrics
 from serve.gateway.pool import EndpointPool
 from serve.gateway.proxy import Upstream
+from serve.gateway.scheduler import Scheduler
 from serve.gateway.tokens import TokenCounter
+
+# Two keep both cores busy without letting a burst of 4 MiB bodies multiply the gateway's memory.
+LARGE_BODIES_AT_ONCE = 2
 
 
 @dataclass(slots=True)
@@ -19,6 +24,8 @@ class ModelState:
     model: ModelFile
     pool: EndpointPool
     counter: TokenCounter
+    # The model's queue (policy.scheduling.enabled), else None: requests go to an engine at once.
+    scheduler: Scheduler | None = None
 
 
 @dataclass(slots=True)
@@ -37,6 +44,8 @@ class GatewayState:
     openapi: bytes
     # The bearer key /metrics asks for; None: loopback clients only.
     metrics_key: str | None = None
+    # Large bodies in preparation at once (parsed, checked and serialised off the loop).
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_BODIES_AT_ONCE))
 
     @property
     def inflight(self) -> int:
