@@ -67,6 +67,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=2, help="unrecorded seconds of load before each phase")
     p.add_argument("--ttft-requests", type=int, default=400, help="streamed requests per target for the added TTFT")
     p.add_argument("--events", type=int, default=DEFAULT_EVENTS, help="content events per streamed response")
+    p.add_argument(
+        "--upstream",
+        choices=["raw", "starlette"],
+        default="raw",
+        help="the instant upstream: a raw protocol (the cheapest there is) or Starlette under uvicorn (a Python server)",
+    )
     p.add_argument("--gateway-cpu", type=int, default=0, help="the core the gateway runs on")
     p.add_argument("--load-cpu", type=int, default=1, help="the core the upstream and the load generator run on")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the bundled SmolLM2, prepared if needed)")

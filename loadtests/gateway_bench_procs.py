@@ -147,7 +147,8 @@ def started(args: argparse.Namespace, folder: Path, model: str, sources: list[Pa
     procs = Processes(up)
     with ExitStack() as stack:
         stack.callback(stop_all, procs)
-        up.proc = pinned(args.load_cpu, [*argv, "--events", str(args.events)], ROOT, dict(os.environ), up.log)
+        argv += ["--events", str(args.events), "--server", args.upstream]
+        up.proc = pinned(args.load_cpu, argv, ROOT, dict(os.environ), up.log)
         taken: set[str] = set()
         for src in sources:
             port = free_port()

@@ -7,6 +7,11 @@ no HTTP framework, no JSON parsing, responses built once at start. It answers `G
 send, as a server that flushes every token does; nothing waits between them.
 
     python -m loadtests.instant_upstream --port 8100
+    python -m loadtests.instant_upstream --port 8100 --server starlette   # the same answers, framework-served
+
+`--server starlette` serves the same bytes from a Starlette app under uvicorn (one JSON parse per request, a
+StreamingResponse of the events): the kind of upstream a Python engine server is, and the reference the gateway's
+req/s targets were first set against.
 """
 
 from __future__ import annotations
@@ -148,14 +153,57 @@ async def serve(host: str, port: int, responses: Responses) -> None:
         await server.serve_forever()
 
 
+def starlette_app(responses: Responses) -> Any:
+    """The same answers from a Starlette app (parsing each body, streaming each event with its own send)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response, StreamingResponse
+    from starlette.routing import Route
+
+    plain = responses.plain.split(b"\r\n\r\n", 1)[1]
+    events = [_unchunk(write) for write in responses.stream]
+
+    async def health(_: Request) -> Response:
+        return Response(b"{}", media_type="application/json")
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        if not body.get("stream"):
+            return Response(plain, media_type="application/json")
+
+        async def stream() -> Any:
+            for event in events:
+                yield event
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/health", health), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def _unchunk(write: bytes) -> bytes:
+    """The data of the first HTTP chunk in a precomputed write (its head, if any, left out)."""
+    if write.startswith(b"HTTP/1.1"):
+        write = write.split(b"\r\n\r\n", 1)[1]
+    size, _, rest = write.partition(b"\r\n")
+    return rest[: int(size, 16)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="the model name in responses")
     parser.add_argument("--events", type=int, default=DEFAULT_EVENTS, help="content events per stream")
+    parser.add_argument(
+        "--server", choices=["raw", "starlette"], default="raw", help="a raw protocol, or Starlette under uvicorn"
+    )
     args = parser.parse_args()
     responses = Responses(args.model, args.events)
+    if args.server == "starlette":
+        import uvicorn
+
+        uvicorn.run(starlette_app(responses), host=args.host, port=args.port, log_level="warning", access_log=False)
+        return
     try:
         import uvloop
     except ImportError:  # uvicorn[standard] brings it; without it the stdlib loop still works, only slower.
