@@ -71,7 +71,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
         "--upstream",
         choices=["raw", "starlette"],
         default="raw",
-        help="the instant upstream: a raw protocol (the cheapest there is) or Starlette under uvicorn (a Python server)",
+        help="the instant upstream: a raw protocol (as cheap as it gets) or Starlette under uvicorn (a Python server)",
     )
     p.add_argument("--gateway-cpu", type=int, default=0, help="the core the gateway runs on")
     p.add_argument("--load-cpu", type=int, default=1, help="the core the upstream and the load generator run on")
