@@ -210,7 +210,7 @@ class Gateway:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_now)
             res.callback(_remove_sighup, loop)
-        for job in (checker.run(), reload_keys(self.keystore), self.drain.watch()):
+        for job in (checker.run(), reload_keys(self.keystore), self.drain.watch(), state.client_watch.run()):
             task = asyncio.create_task(job)
             res.push_async_callback(_cancel, task)
         self.state = state

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -128,40 +129,62 @@ class RequestContext:
         # may have generated everything, so it keeps its whole reservation.
         return self.prompt_estimate if self.stream else self.reserved
 
-    def watch_client(self, receive: Callable[[], Any]) -> None:
-        """Cancel the request's task if the client disconnects before the answer is complete.
+    def watch_client(self, receive: Callable[[], Any], watch: ClientWatch) -> None:
+        """Have `watch` cancel the request's task if the client disconnects before the answer is complete.
 
         Called once the body is read (until then `receive` belongs to the body). `client_gone` tells the entry that
-        a cancellation means "the client left" (499), not a shutdown. The watch starts WATCH_AFTER seconds in:
-        most answers are done by then and need no watcher task at all; a client that leaves sooner is noticed
-        then. The watch is a resource: it ends with the request.
+        a cancellation means "the client left" (499), not a shutdown. The watch ends with the request.
         """
+        watch.add(self, receive)
+        self.resources.callback(watch.discard, self)
+
+
+class ClientWatch:
+    """Notices clients that leave before their answer, for every request of a gateway, with one timer in all.
+
+    A request is watched from WATCH_AFTER seconds in: most answers are done by then and never need a watcher task
+    (nor a timer of their own); a client that leaves sooner is noticed then.
+    """
+
+    def __init__(self) -> None:
+        # Requests not watched yet, oldest first (dicts keep insertion order): context -> (task, receive).
+        self._pending: dict[RequestContext, tuple[asyncio.Task[Any], Callable[[], Any]]] = {}
+        self._watchers: dict[RequestContext, asyncio.Task[None]] = {}
+
+    def add(self, ctx: RequestContext, receive: Callable[[], Any]) -> None:
         task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        watcher: list[asyncio.Future[None]] = []
+        if task is not None:
+            self._pending[ctx] = (task, receive)
 
-        async def watch() -> None:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    # After the last byte a server also answers "disconnect": only a client leaving early counts.
-                    if not self.responded and task is not None:
-                        self.client_gone = True
-                        task.cancel()
-                    return
+    def discard(self, ctx: RequestContext) -> None:
+        if self._pending.pop(ctx, None) is None:
+            watcher = self._watchers.pop(ctx, None)
+            if watcher is not None:
+                watcher.cancel()
 
-        def start() -> None:
-            if not self.responded:
-                watcher.append(asyncio.ensure_future(watch()))
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_AFTER / 2)
+            self.start_due(time.perf_counter() - WATCH_AFTER)
 
-        timer = loop.call_later(WATCH_AFTER, start)
+    def start_due(self, started_before: float) -> None:
+        while self._pending:
+            ctx = next(iter(self._pending))
+            if ctx.start > started_before:
+                return
+            task, receive = self._pending.pop(ctx)
+            if not ctx.responded:
+                self._watchers[ctx] = asyncio.ensure_future(self._watch(ctx, task, receive))
 
-        def stop() -> None:
-            timer.cancel()
-            for w in watcher:
-                w.cancel()
-
-        self.resources.callback(stop)
+    async def _watch(self, ctx: RequestContext, task: asyncio.Task[Any], receive: Callable[[], Any]) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                # After the last byte a server also answers "disconnect": only a client leaving early counts.
+                if not ctx.responded:
+                    ctx.client_gone = True
+                    task.cancel()
+                return
 
 
 def context_of(scope: dict[str, Any]) -> RequestContext:

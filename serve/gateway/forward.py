@@ -96,7 +96,7 @@ async def forward(
     assert ctx.key is not None
     ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
     # From here a client that leaves is noticed, queued or not: its place and its reservation come back at once.
-    ctx.watch_client(receive)
+    ctx.watch_client(receive, state.client_watch)
     if lease is None and found.scheduler is not None:
         held = await schedule(state, ctx, found, prepared)
     else:

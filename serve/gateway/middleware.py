@@ -7,9 +7,9 @@ stage either lets the request on or raises a GatewayError, which the entry rende
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from serve.config.keys import KeyRecord
 from serve.gateway.asgi import Scope
@@ -24,7 +24,8 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    # 128 random bits as 32 hex digits, as uuid4().hex gives, without building a UUID per request.
+    return os.urandom(16).hex()
 
 
 def client_request_id(incoming: bytes | None) -> str | None:

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass, field
 
 from serve.config.model_file import ModelFile
+from serve.gateway.context import ClientWatch
 from serve.gateway.drain import Drain
 from serve.gateway.keystore import KeyStore
 from serve.gateway.limits import Limiter
@@ -44,6 +45,8 @@ class GatewayState:
     openapi: bytes
     # The bearer key /metrics asks for; None: loopback clients only.
     metrics_key: str | None = None
+    # Notices clients that leave before their answer (one timer for every request).
+    client_watch: ClientWatch = field(default_factory=ClientWatch)
     # Large bodies in preparation at once (parsed, checked and serialised off the loop).
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(LARGE_BODIES_AT_ONCE))
 
