@@ -49,6 +49,14 @@ def add_bench_parser(sub: Any) -> None:
     run = actions.add_parser("run", help="sweep concurrency levels (or rates) against one OpenAI-compatible target")
     add_target_options(run)
     run.add_argument("--out", help="result folder (default results/bench-<time>)")
+    run.add_argument(
+        "--tenants",
+        metavar="FILE",
+        help="several keys at once, each with its own requests and load (YAML; see loadtests/README.md)",
+    )
+    run.add_argument(
+        "--tenant", action="append", metavar="NAME", help="with --tenants: run only this tenant (repeatable)"
+    )
     add_cli_options(run, LoadConfig)
     add_cli_options(run, QualityConfig)
     run.set_defaults(func=cmd_run)
@@ -189,8 +197,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from serve.config.model_file import load_model_file
 
     model = load_model_file(args.model_file)
+    if args.tenants:
+        from loadtests.tenant_run import cmd_tenants
+
+        return cmd_tenants(args, model)
+    if args.tenant:
+        print("error: --tenant picks tenants of a --tenants file", file=sys.stderr)
+        return 2
     target = target_of(args, model)
     setup = resolve(from_args(LoadConfig, args), model)
+    c = setup.config
+    if c.ramp is not None and c.ramp > c.warmup:
+        print(
+            f"error: --ramp {c.ramp:g} is longer than --warmup {c.warmup:g}: users would join inside the window",
+            file=sys.stderr,
+        )
+        return 2
     quality_config = from_args(QualityConfig, args)
     folder = default_folder(args, "bench")
     meta = Meta(

@@ -2,7 +2,8 @@
 
 Each option is a dataclass field whose metadata holds its help, its group and where else it appears: `cli` makes
 it a flag of `bench run` / `compare`, `locust` an option of the Locust process (also read from LOADTEST_<NAME>, and
-shown in Locust's web UI), `label` a line of the report. The default is the field's default and nowhere else.
+shown in Locust's web UI), `label` a line of the report, `tenant` a field a tenant of a tenants file may set for
+itself (loadtests/tenants.py). The default is the field's default and nowhere else.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class Opt:
     secret: bool = False  # travels in the environment only, never on a command line
     ui: bool = True  # shown in Locust's web UI (when `locust`)
     metavar: str | None = None
+    tenant: bool = False  # a tenant of a tenants file may set it for its own requests, load or criteria
 
 
 def opt(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -56,32 +58,62 @@ class LoadConfig:
 
     # The requests
     scenario: str = opt(
-        "chat", "requests (see `bench scenarios`)", "requests", locust=True, label="scenario", choices=SCENARIO_NAMES
+        "chat",
+        "requests (see `bench scenarios`)",
+        "requests",
+        locust=True,
+        label="scenario",
+        choices=SCENARIO_NAMES,
+        tenant=True,
     )
-    seed: int = opt(0, "same seed, same requests on every target", "requests", locust=True, label="seed")
+    seed: int = opt(0, "same seed, same requests on every target", "requests", locust=True, label="seed", tenant=True)
     pool_size: int = opt(2000, "distinct requests before the sequence repeats", "requests", cli=False, locust=True)
     input_len: int | None = opt(
-        None, "fixed prompt length (tokens) instead of the scenario's", "requests", locust=True, label="input length"
+        None,
+        "fixed prompt length (tokens) instead of the scenario's",
+        "requests",
+        locust=True,
+        label="input length",
+        tenant=True,
     )
     output_len: int | None = opt(
-        None, "fixed output length (tokens) instead of the scenario's", "requests", locust=True, label="output length"
+        None,
+        "fixed output length (tokens) instead of the scenario's",
+        "requests",
+        locust=True,
+        label="output length",
+        tenant=True,
     )
     max_output_len: int | None = opt(
-        None, "clip the scenario's output lengths", "requests", locust=True, label="output length at most"
+        None, "clip the scenario's output lengths", "requests", locust=True, label="output length at most", tenant=True
     )
     ignore_eos: bool = opt(
-        True, "exact output lengths (--no-ignore-eos lets the model stop)", "requests", locust=True, label="ignore_eos"
+        True,
+        "exact output lengths (--no-ignore-eos lets the model stop)",
+        "requests",
+        locust=True,
+        label="ignore_eos",
+        tenant=True,
     )
-    temperature: float | None = opt(None, "default: the model file's policy default", "requests")
-    top_p: float | None = opt(None, "default: the model file's policy default", "requests")
+    temperature: float | None = opt(None, "default: the model file's policy default", "requests", tenant=True)
+    top_p: float | None = opt(None, "default: the model file's policy default", "requests", tenant=True)
     cache_salt: bool = opt(True, "a fresh vLLM prefix-cache salt per run (--no-cache-salt shares it)", "requests")
     # The load
     users: tuple[int, ...] = opt((1, 8, 32), "closed loop: concurrent users per level", "load", metavar="N,N,...")
     rates: tuple[float, ...] | None = opt(
         None, "open loop instead: requests/s per level, e.g. 1,2,4", "load", metavar="R,R,..."
     )
-    arrival: str = opt("poisson", "open-loop arrivals", "load", choices=ARRIVALS, locust=True)
-    max_in_flight: int = opt(256, "open loop: beyond this, requests go out late", "load", locust=True)
+    arrival: str = opt("poisson", "open-loop arrivals", "load", choices=ARRIVALS, locust=True, tenant=True)
+    max_in_flight: int = opt(256, "open loop: beyond this, requests go out late", "load", locust=True, tenant=True)
+    ramp: float | None = opt(
+        None,
+        "closed loop: seconds over which the users join (default: half the warm-up); spread over one request's "
+        "duration, equal requests stop finishing in waves",
+        "load",
+        label="users join over",
+        unit=" s",
+        tenant=True,
+    )
     late_tolerance: float = opt(0.05, "open loop: seconds after its due time a send counts as late", "load")
     warmup: float = opt(10.0, "seconds excluded from the numbers", "load", locust=True, label="warm-up", unit=" s")
     duration: float = opt(60.0, "measured seconds per level", "load", label="measured per level", unit=" s")
@@ -96,14 +128,20 @@ class LoadConfig:
     stop_timeout: float = opt(
         120.0, "seconds for requests in flight to finish after a level", "load", label="stop timeout", unit=" s"
     )
-    request_timeout: float = opt(900.0, "seconds before one request is given up", "load", locust=True)
+    request_timeout: float = opt(900.0, "seconds before one request is given up", "load", locust=True, tenant=True)
     # The criteria
-    slo_ttft: float | None = opt(2.0, "goodput: TTFT limit in seconds", "criteria", label="SLO TTFT", unit=" s")
-    slo_tpot: float | None = opt(0.2, "goodput: TPOT limit in seconds", "criteria", label="SLO TPOT", unit=" s")
-    slo_e2e: float | None = opt(None, "goodput: end-to-end limit in seconds", "criteria", label="SLO e2e", unit=" s")
-    max_error_rate: float | None = opt(0.01, "exit 1 above this error rate", "criteria")
-    max_p99_ttft: float | None = opt(None, "exit 1 above this p99 TTFT (seconds)", "criteria")
-    min_output_tok_s: float | None = opt(None, "exit 1 below this output tokens/s", "criteria")
+    slo_ttft: float | None = opt(
+        2.0, "goodput: TTFT limit in seconds", "criteria", label="SLO TTFT", unit=" s", tenant=True
+    )
+    slo_tpot: float | None = opt(
+        0.2, "goodput: TPOT limit in seconds", "criteria", label="SLO TPOT", unit=" s", tenant=True
+    )
+    slo_e2e: float | None = opt(
+        None, "goodput: end-to-end limit in seconds", "criteria", label="SLO e2e", unit=" s", tenant=True
+    )
+    max_error_rate: float | None = opt(0.01, "exit 1 above this error rate", "criteria", tenant=True)
+    max_p99_ttft: float | None = opt(None, "exit 1 above this p99 TTFT (seconds)", "criteria", tenant=True)
+    min_output_tok_s: float | None = opt(None, "exit 1 below this output tokens/s", "criteria", tenant=True)
     max_plausible_tok_s: float | None = opt(None, "refuse output tokens/s above this (default: by device)", "criteria")
 
     @property

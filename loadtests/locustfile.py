@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import resource
 import time
 from typing import Any
 
@@ -195,7 +196,9 @@ def on_test_stop(environment: Any, **_: Any) -> None:
     if PLAN is None:
         return
     cpu_warning = bool(getattr(environment.runner, "cpu_warning_emitted", False))
-    PLAN.write({**PLAN.progress(), "type": "stop", "loadgen_cpu_warning": cpu_warning})
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = usage.ru_utime + usage.ru_stime
+    PLAN.write({**PLAN.progress(), "type": "stop", "loadgen_cpu_warning": cpu_warning, "cpu_s": cpu})
     if PLAN.out is not None:
         PLAN.out.close()
         PLAN.out = None

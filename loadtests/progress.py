@@ -62,6 +62,19 @@ class LiveProgress:
         self.printed = False
 
     def update(self, now: float | None = None) -> None:
+        now = self.poll(now)
+        if now - self.printed_at < self.every:
+            return
+        self.printed_at = now
+        self.printed = True
+        if self.tty:
+            self.out.write("\r" + self.line(now) + "\033[K")
+        else:
+            self.out.write(self.line(now) + "\n")
+        self.out.flush()
+
+    def poll(self, now: float | None = None) -> float:
+        """Read the markers written since the last call; returns the time it judged them at."""
         for data in self.tail.lines():
             kind = data.get("type")
             if kind == "start":
@@ -72,15 +85,7 @@ class LiveProgress:
         now = time.time() if now is None else now
         while len(self.samples) > 2 and self.samples[1][0] < now - RATE_WINDOW_S:
             self.samples.popleft()
-        if now - self.printed_at < self.every:
-            return
-        self.printed_at = now
-        self.printed = True
-        if self.tty:
-            self.out.write("\r" + self.line(now) + "\033[K")
-        else:
-            self.out.write(self.line(now) + "\n")
-        self.out.flush()
+        return now
 
     def rate(self) -> float:
         """Output tokens/s over the last few seconds of markers."""
@@ -107,6 +112,41 @@ class LiveProgress:
         else:
             phase = f"{elapsed:.0f}/{planned:g} s, waiting for {in_flight} in flight (up to {c.stop_timeout:g} s)"
         return f"{head}{phase}, {latest.get('done', 0)} requests done, {self.rate():.1f} output tok/s"
+
+    def close(self) -> None:
+        if self.tty and self.printed:
+            self.out.write("\r\033[K")
+            self.out.flush()
+
+
+class GroupProgress:
+    """The progress of several Locust processes running at once (the tenants of one run): one part per process.
+
+    On a terminal one line, the parts side by side, rewritten in place; elsewhere a line per part every 15 seconds.
+    """
+
+    def __init__(self, parts: list[LiveProgress], out: TextIO) -> None:
+        self.parts = parts
+        self.out = out
+        self.tty = out.isatty()
+        self.every = 1.0 if self.tty else 15.0
+        self.printed_at = 0.0
+        self.printed = False
+
+    def update(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for part in self.parts:
+            part.poll(now)
+        if now - self.printed_at < self.every:
+            return
+        self.printed_at = now
+        self.printed = True
+        lines = [part.line(now) for part in self.parts]
+        if self.tty:
+            self.out.write("\r" + " | ".join(line.removeprefix("bench: ") for line in lines) + "\033[K")
+        else:
+            self.out.write("".join(line + "\n" for line in lines))
+        self.out.flush()
 
     def close(self) -> None:
         if self.tty and self.printed:

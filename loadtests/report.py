@@ -66,6 +66,8 @@ class Meta:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     baseline: Baseline | None = None
     quality: QualityConfig = field(default_factory=QualityConfig)
+    # A tenants run: what each tenant was (loadtests/tenants.py, Tenant.describe), in the file's order.
+    tenants: list[dict[str, Any]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -148,7 +150,7 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
+def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
     if value is None or math.isnan(value):
         return "-"
     return f"{value * scale:.{digits}f}"
@@ -156,7 +158,7 @@ def _fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
 
 def percentiles(d: Distribution, scale: float = 1.0, digits: int = 0) -> str:
     """p50 / p99 with the number of samples they come from."""
-    return f"{_fmt(d.p50, scale, digits)} / {_fmt(d.p99, scale, digits)} (n={d.count})"
+    return f"{fmt(d.p50, scale, digits)} / {fmt(d.p99, scale, digits)} (n={d.count})"
 
 
 def level_line(r: LevelResult) -> str:
@@ -164,8 +166,8 @@ def level_line(r: LevelResult) -> str:
     s = r.summary
     state = "ok" if r.valid else "REFUSED: " + "; ".join(r.problems)
     line = (
-        f"bench: {r.target} at {r.level.label}: {_fmt(s.output_tok_s)} output tok/s, "
-        f"TTFT p50 {_fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {_fmt(s.e2e_s.p50, digits=2)} s "
+        f"bench: {r.target} at {r.level.label}: {fmt(s.output_tok_s)} output tok/s, "
+        f"TTFT p50 {fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {fmt(s.e2e_s.p50, digits=2)} s "
         f"(n={s.samples.measured}), {s.requests.ok} ok / {s.requests.failed} failed ({state})"
     )
     if not s.samples.enough:
@@ -194,8 +196,36 @@ def markdown(meta: Meta, results: Sequence[LevelResult], ratio_table: dict[str, 
             f"- quality: {quality[0].total} fixed questions asked greedily, up to {quality[0].max_tokens} tokens "
             "each; correct when the expected answer appears as a whole word in the reply"
         )
-    lines += [
-        "",
+    if meta.tenants is not None:
+        from loadtests.tenant_report import error_notes, tenant_lines
+
+        lines += ["", *tenant_lines(meta.tenants, results)]
+        notes = error_notes(results)
+    else:
+        lines += ["", *sweep_table(results, level_name, scores)]
+        notes = []
+    if ratio_table:
+        labels = sorted({label for row in ratio_table.values() for label in row}, key=_level_key)
+        lines += ["", "Output tok/s ratios:", "", "| ratio | " + " | ".join(labels) + " |"]
+        lines.append("|---|" + "---|" * len(labels))
+        for name, row in ratio_table.items():
+            lines.append(f"| {name} | " + " | ".join(fmt(row.get(label), digits=2) for label in labels) + " |")
+    notes = (
+        notes_of(results)
+        + notes
+        + [f"- {failure}" for failure in quality_failures(quality, meta.quality.quality_tolerance)]
+    )
+    if notes:
+        lines += ["", "Problems and failed criteria:", "", *notes]
+    if quality:
+        lines += ["", "Quality:", "", "```", table(quality), "```"]
+    lines += ["", "![output tokens/s](throughput.png)", "", "![latency](latency.png)", "", "![CDF](latency_cdf.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(results: Sequence[LevelResult], level_name: str, scores: dict[str, str]) -> list[str]:
+    """One row per target and level."""
+    lines = [
         f"| target | {level_name} | output tok/s | total tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
         "| ITL p50 / p99 (ms) | e2e p50 / p99 (s) | ok / failed | goodput req/s | quality |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -210,27 +240,13 @@ def markdown(meta: Meta, results: Sequence[LevelResult], ratio_table: dict[str, 
         if not s.samples.enough:
             label += " *few samples*"
         lines.append(
-            f"| {r.target} | {label} | {_fmt(s.output_tok_s)} | {_fmt(s.total_tok_s)} "
-            f"| {_fmt(s.requests_s, digits=2)} "
+            f"| {r.target} | {label} | {fmt(s.output_tok_s)} | {fmt(s.total_tok_s)} "
+            f"| {fmt(s.requests_s, digits=2)} "
             f"| {percentiles(s.ttft_s, 1000)} | {percentiles(s.tpot_s, 1000, 1)} | {percentiles(s.itl_s, 1000, 1)} "
             f"| {percentiles(s.e2e_s, digits=2)} "
-            f"| {s.requests.ok} / {s.requests.failed} | {_fmt(s.goodput.requests_s, digits=2)} | {score} |"
+            f"| {s.requests.ok} / {s.requests.failed} | {fmt(s.goodput.requests_s, digits=2)} | {score} |"
         )
-    if ratio_table:
-        labels = sorted({label for row in ratio_table.values() for label in row}, key=_level_key)
-        lines += ["", "Output tok/s ratios:", "", "| ratio | " + " | ".join(labels) + " |"]
-        lines.append("|---|" + "---|" * len(labels))
-        for name, row in ratio_table.items():
-            lines.append(f"| {name} | " + " | ".join(_fmt(row.get(label), digits=2) for label in labels) + " |")
-    notes = notes_of(results) + [
-        f"- {failure}" for failure in quality_failures(quality, meta.quality.quality_tolerance)
-    ]
-    if notes:
-        lines += ["", "Problems and failed criteria:", "", *notes]
-    if quality:
-        lines += ["", "Quality:", "", "```", table(quality), "```"]
-    lines += ["", "![output tokens/s](throughput.png)", "", "![latency](latency.png)", "", "![CDF](latency_cdf.png)"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def notes_of(results: Sequence[LevelResult]) -> list[str]:
@@ -289,9 +305,19 @@ def write(
         "failed_criteria": sum(len(r.failures) for r in results)
         + len(quality_failures(quality, meta.quality.quality_tolerance)),
     }
+    if meta.tenants is not None:
+        from loadtests.tenant_report import totals
+
+        summary["tenants_total"] = totals(results)
     (folder / "summary.json").write_text(json.dumps(finite(summary), indent=2, allow_nan=False))
     write_csv(folder / "requests.csv", results)
-    plot_all(folder, [r for r in results if r.valid], f"scenario {meta.config.scenario}, model {meta.model}")
+    valid = [r for r in results if r.valid]
+    if meta.tenants is not None:
+        from loadtests.tenant_plots import plot_tenants
+
+        plot_tenants(folder, valid, f"{len(meta.tenants)} tenants, model {meta.model}")
+    else:
+        plot_all(folder, valid, f"scenario {meta.config.scenario}, model {meta.model}")
     (folder / "report.md").write_text(markdown(meta, results, ratio_table, quality))
     return folder
 

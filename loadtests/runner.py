@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -105,9 +104,10 @@ class LevelResult:
 
 def locust_command(target: Target, level: Level, config: LoadConfig, run: LocustRun) -> list[str]:
     users = level.users if level.users is not None else 1
-    # Users join over the first half of the warm-up: all starting in the same second would send every prefill at
-    # once and keep the requests in lockstep long after.
-    spawn_rate = users / (config.warmup / 2) if config.warmup >= 2 else float(users)
+    # Users join over the first half of the warm-up (or --ramp): all starting in the same second would send every
+    # prefill at once and keep the requests in lockstep long after.
+    ramp = config.ramp if config.ramp is not None else config.warmup / 2
+    spawn_rate = users / ramp if ramp >= 1 else float(users)
     cmd = [
         sys.executable,
         "-m",
@@ -208,8 +208,30 @@ def wait(proc: subprocess.Popen[bytes], budget: float | None, progress: LiveProg
         progress.close()
 
 
-def run_level(target: Target, level: Level, setup: Setup, folder: Path, out: TextIO | None = None) -> LevelResult:
-    config = setup.config
+@dataclass
+class Launched:
+    """A Locust process running one target at one level, and what its result will be read from."""
+
+    target: Target
+    level: Level
+    setup: Setup
+    proc: subprocess.Popen[bytes]
+    records: Path
+    log: Path
+    started: float
+    busy_before: float | None
+    ended: float | None = None
+
+    @property
+    def budget(self) -> float | None:
+        """Seconds after which the process is killed (None: by count a level takes as long as its requests do,
+        each bounded by --request-timeout)."""
+        c = self.setup.config
+        return None if c.num_requests is not None else c.warmup + c.duration + c.stop_timeout + LOCUST_GRACE_S
+
+
+def launch(target: Target, level: Level, setup: Setup, folder: Path, busy_before: float | None = None) -> Launched:
+    """Start the Locust process of one target at one level; `collect` reads its result once it has exited."""
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     stem = f"{target.name}-{level.label}"
@@ -217,41 +239,51 @@ def run_level(target: Target, level: Level, setup: Setup, folder: Path, out: Tex
     records_path.unlink(missing_ok=True)
     salt = f"{stem}-{time.time_ns()}"
     run = locust_run(target, level, setup, records_path, salt)
-    cmd = locust_command(target, level, config, run)
+    cmd = locust_command(target, level, setup.config, run)
     # The key travels in the environment, not on the command line where `ps` shows it.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update(locust_env(run))
-    # By count a level takes as long as its requests do (each bounded by --request-timeout): no overall budget.
-    budget = None if config.num_requests is not None else config.warmup + config.duration + config.stop_timeout
-    busy = machine_busy()
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.monotonic()
-    progress = LiveProgress(f"{target.name} at {level.label}", records_path, config, out or sys.stderr)
-    with (raw / f"{stem}.locust.log").open("wb") as log:
+    log_path = raw / f"{stem}.locust.log"
+    with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        code = wait(proc, None if budget is None else budget + LOCUST_GRACE_S, progress)
-    wall = time.monotonic() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    records, markers = read_records(records_path)
-    window = measurement_window(records, markers, config.warmup)
+    return Launched(target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before)
+
+
+def collect(launched: Launched, code: int, window: Window | None = None) -> LevelResult:
+    """The result of an exited Locust process, over its own measured window or the one given."""
+    setup, level = launched.setup, launched.level
+    config = setup.config
+    wall = (launched.ended or time.monotonic()) - launched.started
+    records, markers = read_records(launched.records)
+    window = window or measurement_window(records, markers, config.warmup)
     summary = summarize(
         records, window, setup.slo, open_loop=level.rate is not None, late_tolerance=config.late_tolerance
     )
+    stop = markers.get("stop", {})
+    # The process's own CPU time, from its last marker: several run at once, so the children's total would mix them.
+    cpu = float(stop.get("cpu_s", 0.0))
     loadgen = LoadGen(
         exit_code=code,
         wall_s=wall,
         cpu_s=cpu,
         cpu_fraction=cpu / wall if wall > 0 else 0.0,
-        cpu_warning=bool(markers.get("stop", {}).get("loadgen_cpu_warning", False)),
-        machine_busy_before=busy,
+        cpu_warning=bool(stop.get("loadgen_cpu_warning", False)),
+        machine_busy_before=launched.busy_before,
     )
     problems = impossible(summary, [r for r in records if window.holds(r.start)], setup.ceiling)
     if code != 0:
-        problems.append(f"locust exited with code {code}; see {raw / (stem + '.locust.log')}")
+        problems.append(f"locust exited with code {code}; see {launched.log}")
     if loadgen.cpu_warning:
         problems.append("the load generator ran above 90% CPU: it, not the server, set the pace")
     if "start" not in markers:
         problems.append("locust never started the test; see its log")
     failures = broken_thresholds(summary, setup.thresholds)
-    return LevelResult(target.name, level, summary, problems, failures, records, window, loadgen)
+    return LevelResult(launched.target.name, level, summary, problems, failures, records, window, loadgen)
+
+
+def run_level(target: Target, level: Level, setup: Setup, folder: Path, out: TextIO | None = None) -> LevelResult:
+    launched = launch(target, level, setup, folder, machine_busy())
+    progress = LiveProgress(f"{target.name} at {level.label}", launched.records, setup.config, out or sys.stderr)
+    code = wait(launched.proc, launched.budget, progress)
+    launched.ended = time.monotonic()
+    return collect(launched, code)
