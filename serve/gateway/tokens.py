@@ -48,6 +48,10 @@ class TokenCounter:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        # Some tokenizer files pad or cut every input to a fixed length (all-MiniLM-L6-v2's: 128); a count is of
+        # the input's own tokens.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         # No token covers more characters than its vocabulary string has, so len(text) // this is a lower bound
         # on the count: a huge prompt is refused without spending seconds tokenizing it.
         self.max_token_chars = max((len(t) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=1)

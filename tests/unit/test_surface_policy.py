@@ -243,3 +243,15 @@ def test_adapters_cli_refuses_a_folder_without_an_adapter(tmp_path: Path) -> Non
         adapter_source(str(tmp_path.parent))
     with pytest.raises(ConfigError):
         adapter_source("./missing")
+
+
+def test_a_tokenizer_that_pads_or_truncates_still_counts_the_real_tokens(tmp_path: Path) -> None:
+    # all-MiniLM-L6-v2's tokenizer.json pads and truncates every input to 128 tokens, as its training did.
+    tok = Tokenizer(WordLevel({"word": 0, "[PAD]": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.enable_padding(pad_id=1, pad_token="[PAD]", length=128)
+    tok.enable_truncation(max_length=128)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    counter = TokenCounter(tmp_path, 16)
+    assert counter.completion(["word word", "word"], 512).tokens == 3
+    assert counter.completion("word " * 300, 512).longest == 300
