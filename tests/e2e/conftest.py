@@ -17,6 +17,7 @@ import psutil
 import pytest
 import yaml
 
+from serve.config.model_file import load_model_file
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,14 +45,14 @@ class RunningStack:
             return []
 
 
-def start_stack(home: Path, model_file: str) -> RunningStack:
-    """Start `llmserve up` on free ports; wait until the gateway is ready."""
+def start_stack(home: Path, model_file: str, *more: str, extra_env: dict[str, str] | None = None) -> RunningStack:
+    """Start `llmserve up` (one model file, or several) on free ports; wait until the gateway is ready."""
     home.mkdir(parents=True, exist_ok=True)
     gateway_cfg = home / "gateway.yaml"
     gateway_cfg.write_text(yaml.safe_dump({"keys_file": str(home / "keys.yaml"), "drain_timeout": 5}))
     port = free_port()
     engine_key = secrets.token_urlsafe(16)
-    env = {**os.environ, "LLMSERVE_HOME": str(home), "LLMSERVE_ENGINE_KEY": engine_key}
+    env = {**os.environ, **(extra_env or {}), "LLMSERVE_HOME": str(home), "LLMSERVE_ENGINE_KEY": engine_key}
     log = (home / "up.log").open("wb")
     proc = subprocess.Popen(
         [
@@ -59,8 +60,7 @@ def start_stack(home: Path, model_file: str) -> RunningStack:
             "-m",
             "serve.cli",
             "up",
-            "--model",
-            model_file,
+            *(arg for path in (model_file, *more) for arg in ("--model", path)),
             "--port",
             str(port),
             "--gateway-config",
@@ -86,7 +86,8 @@ def start_stack(home: Path, model_file: str) -> RunningStack:
             raise RuntimeError(f"stack not ready after {STARTUP_SECONDS}s:\n{(home / 'up.log').read_text()[-5000:]}")
         time.sleep(1)
     runtime = yaml.safe_load((home / "run" / "gateway.yaml").read_text())
-    model = yaml.safe_load(Path(runtime["models"][0]["file"]).read_text())["name"]
+    # The merged file: a model file may take its name from the one it extends.
+    model = load_model_file(runtime["models"][0]["file"]).name
     return RunningStack(
         url=url,
         key=(home / "dev-key").read_text().strip(),
