@@ -135,9 +135,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         elif self._timer is None and not self.transport.is_closing():
             self._start_body_clock()
 
+    # The two callbacks below run for every request: the usual one takes no call beyond uvicorn's own.
     def on_headers_complete(self) -> None:
         self._head_open = False
-        self._cancel_timer()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._head_bytes > self.limits.max_head_bytes or not self._counted:
+            self._check_head()
+        HttpToolsProtocol.on_headers_complete(self)
+
+    def on_message_complete(self) -> None:
+        self._head_open = True
+        self._head_bytes = 0
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        HttpToolsProtocol.on_message_complete(self)
+
+    def _check_head(self) -> None:
+        """A head that came in a large read, or on a connection past the cap: answered here if it must be."""
         # The exact size is only worth computing when the read that ended the head was large.
         if self._head_bytes > self.limits.max_head_bytes and self._head_size() > self.limits.max_head_bytes:
             self._answer_too_large()
@@ -151,13 +168,6 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 [(b"retry-after", b"1")],
             )
             raise _Answered
-        super().on_headers_complete()
-
-    def on_message_complete(self) -> None:
-        self._head_open = True
-        self._head_bytes = 0
-        self._cancel_timer()
-        super().on_message_complete()
 
     def _head_size(self) -> int:
         """The head as the limit counts it: the request target and each header with its separator and line end."""
