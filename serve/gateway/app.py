@@ -42,14 +42,13 @@ log = logging.getLogger(__name__)
 KEYS_RELOAD_INTERVAL = 2.0
 
 
-def http_client() -> httpx.AsyncClient:
+def health_client() -> httpx.AsyncClient:
+    """For health checks (a few requests a second; engine requests go through serve.gateway.engine_client)."""
     return httpx.AsyncClient(
-        # Engine traffic carries the engine key and prompts: never through an HTTP(S)_PROXY from the environment.
+        # Engine traffic carries the engine key: never through an HTTP(S)_PROXY from the environment.
         trust_env=False,
-        # Every request passes its model's own timeouts; this default only bounds what slips through.
-        timeout=httpx.Timeout(connect=10.0, read=None, write=60.0, pool=10.0),
-        # Every in-flight stream holds a connection; the pool must not be what queues requests.
-        limits=httpx.Limits(max_connections=4096, max_keepalive_connections=512),
+        timeout=httpx.Timeout(connect=5.0, read=10.0, write=5.0, pool=5.0),
+        limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         follow_redirects=False,
     )
 
@@ -172,7 +171,7 @@ class Gateway:
                 schedulers.append(scheduler)
             entry = ModelState(model=route.model, pool=pool, counter=counter, scheduler=scheduler)
             models.update(dict.fromkeys(route.model.names, entry))
-        client = await res.enter_async_context(http_client())
+        client = await res.enter_async_context(health_client())
         engines = EngineHttpClient()
         res.push_async_callback(engines.aclose)
         limiter = create_limiter(settings.file.limits)
