@@ -34,11 +34,17 @@ class HttpLimits:
     max_connections: int
 
 
-class Admitted:
-    """How many connections one server holds under its cap (those refused past it are not counted)."""
+class ConnectionStats:
+    """One server's connections under its cap (those refused past it are not counted), and what it refused itself,
+    by reason: `headers_too_large`, `head_timeout`, `body_timeout`, `too_many_connections`, `silent` (closed unasked).
+    Plain numbers, for a metrics collector to read at scrape time."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.admitted = 0
+        self.refused: dict[str, int] = {}
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
 class _Answered(Exception):
@@ -66,7 +72,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     connection cap. Timers are only armed when a head or body spans reads, so the usual request costs none."""
 
     limits: ClassVar[HttpLimits]
-    admitted: ClassVar[Admitted]
+    stats: ClassVar[ConnectionStats]
 
     def __init__(
         self,
@@ -89,8 +95,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if self.admitted.count < self.limits.max_connections:
-            self.admitted.count += 1
+        if self.stats.admitted < self.limits.max_connections:
+            self.stats.admitted += 1
             self._counted = True
             wait = self.limits.header_timeout
         else:
@@ -100,7 +106,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._counted:
             self._counted = False
-            self.admitted.count -= 1
+            self.stats.admitted -= 1
         self._cancel_timer()
         super().connection_lost(exc)
 
@@ -161,6 +167,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             raise _Answered
         if not self._counted:
             self._answer(
+                "too_many_connections",
                 503,
                 "service_unavailable",
                 "too_many_connections",
@@ -189,10 +196,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if not self._head_bytes or not self._counted:
             # Nothing was asked (or the connection is past the cap): there is nothing to answer.
             self._answered = True
+            self.stats.refuse("silent" if self._counted else "too_many_connections")
             self.transport.close()
             return
         limit = self.limits.header_timeout
-        self._answer(408, "invalid_request_error", "request_timeout", f"the request head took longer than {limit:g}s")
+        message = f"the request head took longer than {limit:g}s"
+        self._answer("head_timeout", 408, "invalid_request_error", "request_timeout", message)
 
     def _start_body_clock(self) -> None:
         self._body_started = self.loop.time()
@@ -219,6 +228,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._timer = self.loop.call_later(-late, self._body_timed_out)
             return
         self._answer(
+            "body_timeout",
             408,
             "invalid_request_error",
             "request_timeout",
@@ -227,15 +237,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _answer_too_large(self) -> None:
         limit = self.limits.max_head_bytes
-        self._answer(
-            431, "invalid_request_error", "headers_too_large", f"request headers are larger than {limit} bytes"
-        )
+        message = f"request headers are larger than {limit} bytes"
+        self._answer("headers_too_large", 431, "invalid_request_error", "headers_too_large", message)
 
     def _answer(
-        self, status: int, error_type: str, code: str, message: str, headers: Sequence[tuple[bytes, bytes]] = ()
+        self,
+        reason: str,
+        status: int,
+        error_type: str,
+        code: str,
+        message: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         """Answers in place of the application, then closes: the rest of the input is never parsed."""
         self._answered = True
+        self.stats.refuse(reason)
         self._cancel_timer()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -257,11 +273,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def bounded_protocol(limits: HttpLimits) -> type[BoundedHttpToolsProtocol]:
-    """The protocol class for one server: its limits and its own count of admitted connections."""
+    """The protocol class for one server: its limits and its own connection figures (`.stats`)."""
 
     class Protocol(BoundedHttpToolsProtocol):
         pass
 
     Protocol.limits = limits
-    Protocol.admitted = Admitted()
+    Protocol.stats = ConnectionStats()
     return Protocol

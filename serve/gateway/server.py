@@ -14,7 +14,7 @@ import uvicorn
 from serve.config.gateway import GatewayFile, GatewaySettings
 from serve.gateway.app import create_app
 from serve.gateway.drain import Drain
-from serve.gateway.http_protocol import HttpLimits, bounded_protocol
+from serve.gateway.http_protocol import BoundedHttpToolsProtocol, ConnectionStats, HttpLimits, bounded_protocol
 from serve.logs import setup_logging
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,14 @@ class GatewayServer(uvicorn.Server):
     """The first stop (SIGTERM/SIGINT, or the supervisor's word) drains: readiness 503, new requests 503, in-flight
     finish; a second one exits now. A worker under a supervisor takes no signals of its own."""
 
-    def __init__(self, config: uvicorn.Config, drain: Drain, own_signals: bool = True) -> None:
+    def __init__(
+        self, config: uvicorn.Config, drain: Drain, own_signals: bool = True, http_stats: ConnectionStats | None = None
+    ) -> None:
         super().__init__(config)
         self.drain = drain
         self.own_signals = own_signals
+        # Connections held and refused by the HTTP protocol, for metrics.
+        self.http_stats = http_stats or ConnectionStats()
         drain.on_done = self._drained
 
     def _drained(self) -> None:
@@ -67,12 +71,12 @@ def http_limits(file: GatewayFile) -> HttpLimits:
     )
 
 
-def uvicorn_config(settings: GatewaySettings, app: object) -> uvicorn.Config:
+def uvicorn_config(settings: GatewaySettings, app: object, protocol: type[BoundedHttpToolsProtocol]) -> uvicorn.Config:
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=settings.file.host,
         port=settings.file.port,
-        http=bounded_protocol(http_limits(settings.file)),
+        http=protocol,
         ws="none",
         lifespan="on",
         log_config=None,
@@ -104,7 +108,9 @@ def raise_fd_limit(file: GatewayFile) -> None:
 
 def gateway_server(settings: GatewaySettings, own_signals: bool = True) -> GatewayServer:
     drain = Drain(settings.file.drain_timeout)
-    return GatewayServer(uvicorn_config(settings, create_app(settings, drain)), drain, own_signals=own_signals)
+    protocol = bounded_protocol(http_limits(settings.file))
+    config = uvicorn_config(settings, create_app(settings, drain), protocol)
+    return GatewayServer(config, drain, own_signals=own_signals, http_stats=protocol.stats)
 
 
 def run_gateway(settings: GatewaySettings) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from serve.gateway.http_protocol import ConnectionStats, HttpLimits, bounded_protocol
 from tests.integration.fake_engine import FakeEngine
 from tests.integration.gateway_process import GatewayProcess, gateway_process
 from tests.servers import run_server
@@ -230,3 +231,57 @@ def test_the_drain_does_not_wait_for_a_body_that_has_not_arrived(tmp_path: Path,
             elapsed = time.monotonic() - start
         assert code == 0, gw.log()
         assert elapsed < drain_timeout / 2, f"the drain waited {elapsed:.1f}s for a body still on its way"
+
+
+async def echo_length(scope: dict[str, object], receive: object, send: object) -> None:
+    """Reads the whole body and answers with its length."""
+    if scope["type"] != "http":
+        return
+    size, more = 0, True
+    while more:
+        message = await receive()  # type: ignore[operator]
+        if message["type"] == "http.disconnect":
+            return
+        size += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})  # type: ignore[operator]
+    await send({"type": "http.response.body", "body": str(size).encode()})  # type: ignore[operator]
+
+
+def wait_until_none_admitted(stats: ConnectionStats) -> None:
+    deadline = time.monotonic() + 5
+    while stats.admitted:
+        assert time.monotonic() < deadline, f"{stats.admitted} connections still counted"
+        time.sleep(0.02)
+
+
+def test_what_the_server_refuses_is_counted_for_metrics() -> None:
+    protocol = bounded_protocol(
+        HttpLimits(max_head_bytes=1024, header_timeout=1.0, body_timeout=0.5, body_min_rate=1000, max_connections=3)
+    )
+    stats = protocol.stats
+    with run_server(echo_length, http=protocol, ws="none", lifespan="off") as url:
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.2)
+        assert stats.admitted == 3
+        assert httpx.get(url, timeout=10).status_code == 503
+        for sock in held:
+            sock.close()
+        wait_until_none_admitted(stats)
+        assert httpx.post(url, content=b"x" * 5000, timeout=10).text == "5000"
+        assert httpx.get(url, headers={"x-big": "a" * 2000}, timeout=10).status_code == 431
+        slow_head, slow_body, silent = (socket.create_connection(("127.0.0.1", port)) for _ in range(3))
+        slow_head.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        slow_body.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        for sock in (slow_head, slow_body, silent):
+            read_all(sock)
+            sock.close()
+        wait_until_none_admitted(stats)
+    assert stats.refused == {
+        "too_many_connections": 1,
+        "headers_too_large": 1,
+        "head_timeout": 1,
+        "body_timeout": 1,
+        "silent": 1,
+    }
