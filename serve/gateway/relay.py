@@ -6,13 +6,13 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from serve.config.model_file import Timeouts
 from serve.gateway.asgi import SSE_HEADERS, Send, response_headers
 from serve.gateway.context import RequestContext
 from serve.gateway.errors import envelope_bytes
-from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.metrics import EventSeries, GatewayMetrics
 from serve.gateway.upstream import EngineBroken
 from serve.protocol.stream import EventSplitter, EventTooLarge, Kind, classify, usage_of
 
@@ -72,8 +72,13 @@ class StreamRelay:
     # Called with a reason when the engine fails mid-stream (counts it, may eject the endpoint).
     on_failure: Callable[[str], None]
     max_event_bytes: int
+    _itl: EventSeries = field(init=False)
+    _last: float = field(init=False, default=0.0)
 
-    def _keep(self, event: bytes, last: list[float]) -> bool:
+    def __post_init__(self) -> None:
+        self._itl = self.metrics.itl.labels(self.ctx.model)
+
+    def _keep(self, event: bytes) -> bool:
         kind = classify(event)
         if kind is Kind.OUTPUT:
             ctx = self.ctx
@@ -83,8 +88,8 @@ class StreamRelay:
                 ctx.ttft = now - ctx.start
                 self.metrics.ttft.labels(ctx.model).observe(ctx.ttft)
             else:
-                self.metrics.itl.labels(ctx.model).observe(now - last[0])
-            last[0] = now
+                self._itl.observe(now - self._last)
+            self._last = now
         elif kind is Kind.USAGE:
             usage = usage_of(event)
             if usage is not None:
@@ -109,7 +114,6 @@ class StreamRelay:
             0.0, ctx.start + self.timeouts.total - time.perf_counter()
         )
         dog = Watchdog(self.timeouts.idle, total_deadline)
-        last = [0.0]
         closing = b""
         chunk = first
         at_client = False
@@ -117,20 +121,20 @@ class StreamRelay:
             while True:
                 events = splitter.feed(chunk)
                 if len(events) == 1:
-                    body = events[0] if self._keep(events[0], last) else b""
+                    body = events[0] if self._keep(events[0]) else b""
                 else:
-                    body = b"".join(e for e in events if self._keep(e, last))
+                    body = b"".join(e for e in events if self._keep(e))
                 if body:
                     at_client = True
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     at_client = False
-                dog.touch()
                 chunk = await anext(chunks)
+                # Progress once a round: the engine's silence and a client's stall both count from here.
                 dog.touch()
         except StopAsyncIteration:
             # A last event without its blank line is still an event: count it and strip it like the others.
             rest = splitter.flush()
-            if rest is not None and self._keep(rest, last):
+            if rest is not None and self._keep(rest):
                 closing = rest
         except asyncio.CancelledError:
             if dog.expired is None:

@@ -28,7 +28,7 @@ def gateway_series() -> dict[str, set[str]]:
     series: dict[str, set[str]] = {}
     metrics = GatewayMetrics()
     # The endpoint gauges are read from the pools at scrape time; with no pools the collector still yields them.
-    metrics.watch_pools(list)
+    metrics.watch_pools(list, list)
     for collector in list(metrics.registry._collector_to_names):  # noqa: SLF001 (metrics not observed yet too)
         if isinstance(collector, MetricWrapperBase):
             labels = set(collector._labelnames)  # noqa: SLF001
@@ -37,7 +37,9 @@ def gateway_series() -> dict[str, set[str]]:
                     series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
         else:
             for family in collector.collect():
-                series[family.name] = set(getattr(family, "_labelnames", ()))
+                labels = set(getattr(family, "_labelnames", ()))
+                for suffix in SUFFIXES.get(family.type, ("",)):
+                    series[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     assert {"gateway_requests_total", "gateway_inflight_requests", "gateway_endpoint_up"} <= series.keys()
     return series
 
