@@ -315,7 +315,8 @@ def write(
     if meta.tenants is not None:
         from loadtests.tenant_plots import plot_tenants
 
-        plot_tenants(folder, valid, f"{len(meta.tenants)} tenants, model {meta.model}")
+        names = ", ".join(t["name"] for t in meta.tenants)
+        plot_tenants(folder, valid, f"tenants {names}, model {meta.model}")
     else:
         plot_all(folder, valid, f"scenario {meta.config.scenario}, model {meta.model}")
     (folder / "report.md").write_text(markdown(meta, results, ratio_table, quality))

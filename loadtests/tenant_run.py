@@ -119,7 +119,7 @@ def cmd_tenants(args: argparse.Namespace, model: ModelFile) -> int:
     quality_config = from_args(QualityConfig, args)
     folder = default_folder(args, "bench")
     meta = Meta(
-        title=f"{len(tenants)} tenants of {path.name} on {run_target.url}",
+        title=f"tenants {', '.join(t.name for t in tenants)} of {path.name} on {run_target.url}",
         command=redacted_command(sys.argv[1:]),
         config=base,
         model=run_target.model,
