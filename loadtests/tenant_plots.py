@@ -7,9 +7,15 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from loadtests.accounting import RequestRecord, tokens_in_window
-from loadtests.plots import DPI, plot_cdf, plt, readable_log
-from loadtests.runner import LevelResult
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+import matplotlib.pyplot as plt  # noqa: E402
+
+from loadtests.accounting import RequestRecord, tokens_in_window  # noqa: E402
+from loadtests.plots import DPI, plot_cdf, readable_log  # noqa: E402
+from loadtests.runner import LevelResult  # noqa: E402
 
 # At most this many bins over a run, none shorter than MIN_BIN_S (unless the run is), so a bin's rate is not a
 # handful of tokens.

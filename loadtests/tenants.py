@@ -40,7 +40,7 @@ def tenant_options() -> type[BaseModel]:
             continue
         hint = hints[f.name]
         if o.choices:
-            hint = Literal[o.choices]  # type: ignore[valid-type]
+            hint = Literal[o.choices]
         fields[f.name] = (hint, Field(default=None, description=o.help))
     model: type[BaseModel] = create_model("TenantOptions", __base__=Strict, **fields)
     return model
