@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
@@ -203,6 +203,10 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def watch_http(self, stats: Any) -> None:
+        """The HTTP server's connections and its own refusals (http_protocol.ConnectionStats), read at scrape time."""
+        self.registry.register(_HttpCollector(stats))
+
     def watch_pools(self, pools: Callable[[], Iterable[Any]], queues: Callable[[], Iterable[Any]]) -> None:
         """Endpoint and queue gauges read from the pools and schedulers at scrape time: never counted twice."""
         self.registry.register(_PoolCollector(pools, queues))
@@ -240,4 +244,27 @@ class _PoolCollector(Collector):
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         # Described without reading the pools, so registering it does not collect.
+        return iter(())
+
+
+class _HttpCollector(Collector):
+    def __init__(self, stats: Any) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        yield GaugeMetricFamily(
+            "gateway_http_connections",
+            "Client connections the HTTP server holds (under max_connections).",
+            value=self.stats.admitted,
+        )
+        refused = CounterMetricFamily(
+            "gateway_http_refused",
+            "Requests the HTTP server answered itself before the app (431, 408, 503 past the cap), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(self.stats.refused.items()):
+            refused.add_metric([reason], count)
+        yield refused
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
         return iter(())

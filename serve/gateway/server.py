@@ -109,7 +109,10 @@ def raise_fd_limit(file: GatewayFile) -> None:
 def gateway_server(settings: GatewaySettings, own_signals: bool = True) -> GatewayServer:
     drain = Drain(settings.file.drain_timeout)
     protocol = bounded_protocol(http_limits(settings.file))
-    config = uvicorn_config(settings, create_app(settings, drain), protocol)
+    app = create_app(settings, drain)
+    # What the HTTP server refused before the app saw a request (431, 408, 503 past the cap) shows in /metrics too.
+    app.metrics.watch_http(protocol.stats)
+    config = uvicorn_config(settings, app, protocol)
     return GatewayServer(config, drain, own_signals=own_signals, http_stats=protocol.stats)
 
 

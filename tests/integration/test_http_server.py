@@ -16,6 +16,7 @@ import pytest
 from serve.gateway.http_protocol import ConnectionStats, HttpLimits, bounded_protocol
 from tests.integration.fake_engine import FakeEngine
 from tests.integration.gateway_process import GatewayProcess, gateway_process
+from tests.metrics_text import metric_sum
 from tests.servers import run_server
 
 MIB = 1024 * 1024
@@ -285,3 +286,16 @@ def test_what_the_server_refuses_is_counted_for_metrics() -> None:
         "body_timeout": 1,
         "silent": 1,
     }
+
+
+def test_the_servers_own_refusals_show_in_the_gateways_metrics(gateway: GatewayProcess) -> None:
+    def refused(text: str) -> float:
+        return metric_sum(text, "gateway_http_refused_total", reason="headers_too_large")
+
+    before = refused(httpx.get(f"{gateway.url}/metrics").text)
+    with gateway.connect() as sock:
+        _, answer = send_until_answered(sock, head_of_size(LIMIT + 1))
+    assert_envelope(answer, 431, "headers_too_large")
+    text = httpx.get(f"{gateway.url}/metrics").text
+    assert refused(text) == before + 1
+    assert metric_sum(text, "gateway_http_connections") >= 1  # the scrape's own connection
