@@ -68,7 +68,7 @@ def gateway_settings_for(args: argparse.Namespace) -> GatewaySettings:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from serve.gateway.server import run_gateway
+    from serve.gateway.run import run_gateway
 
     run_gateway(gateway_settings_for(args))
     return 0

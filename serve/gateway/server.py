@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
-import sys
 from collections.abc import Generator
 from types import FrameType
 
@@ -15,7 +14,6 @@ from serve.config.gateway import GatewayFile, GatewaySettings
 from serve.gateway.app import create_app
 from serve.gateway.drain import Drain
 from serve.gateway.http_protocol import BoundedHttpToolsProtocol, ConnectionStats, HttpLimits, bounded_protocol
-from serve.logs import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +112,3 @@ def gateway_server(settings: GatewaySettings, own_signals: bool = True) -> Gatew
     app.metrics.watch_http(protocol.stats)
     config = uvicorn_config(settings, app, protocol)
     return GatewayServer(config, drain, own_signals=own_signals, http_stats=protocol.stats)
-
-
-def run_gateway(settings: GatewaySettings) -> None:
-    setup_logging(settings.file.log_level, access_log=True)
-    raise_fd_limit(settings.file)
-    if settings.file.workers > 1:
-        from serve.gateway.workers import run_workers
-
-        sys.exit(run_workers(settings))
-    server = gateway_server(settings)
-    server.run()
-    if not server.started:
-        sys.exit(STARTUP_FAILURE)
