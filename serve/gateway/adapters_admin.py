@@ -104,6 +104,8 @@ class AdapterAdmin:
                 f"model {entry.model.name!r} runs without LoRA: add `lora:` to its model file", param="model"
             )
         known = self.catalog.adapters.get(name)
+        if known is not None and known.static:
+            raise BadRequest(f"adapter {name!r} is listed in its model file: every engine has it", param="name")
         if name in state.models or (known is not None and (known.base, known.source) != (entry.model.name, source)):
             raise BadRequest(f"the name {name!r} is already served", param="name", code="name_taken")
         endpoints = [ep.url for ep in entry.pool.endpoints if ep.healthy]

@@ -356,3 +356,24 @@ def test_embedding_base64_passes_through_untouched(surface: Surface) -> None:
     resp = httpx.post(f"{surface.gw.v1}/embeddings", json=body, headers=auth)
     assert resp.status_code == 200 and resp.json()["data"][0]["embedding"] == [0.1, 0.2]
     assert base64  # the stand-in answers floats whatever the format; the real engine's base64 is tested e2e
+
+
+def test_adapters_of_the_model_file_are_served_on_every_replica(tmp_path: Path) -> None:
+    one, two = SurfaceEngine(), SurfaceEngine()
+    with run_server(one.app()) as url_one, run_server(two.app()) as url_two:
+        adapters = [{"name": "listed-sft", "source": "org/listed-sft", "rank": 8}]
+        models = [model_file(tmp_path, "chat-model", [url_one, url_two], [], adapters=adapters)]
+        with gateway_for(tmp_path, models, one) as gw:
+            while httpx.get(f"{gw.url}/readyz").status_code != 200:
+                time.sleep(0.1)
+            surface = Surface(gw, [one, two], tmp_path)
+            cards = {m.id: m.model_dump() for m in surface.client().models.list()}
+            assert cards["listed-sft"]["parent"] == "chat-model" and cards["listed-sft"]["root"] == "org/listed-sft"
+            question = [{"role": "user", "content": "x"}]
+            for _ in range(4):
+                surface.client().chat.completions.create(model="listed-sft", messages=question)  # type: ignore[arg-type]
+            assert [r["model"] for r in one.requests] == [r["model"] for r in two.requests] == ["listed-sft"] * 2
+            body = {"name": "listed-sft", "source": "org/other", "model": "chat-model"}
+            assert surface.admin("POST", "/admin/adapters", json=body).status_code == 400
+            assert surface.admin("DELETE", "/admin/adapters/listed-sft").status_code == 400
+            assert not surface.calls("/v1/load_lora_adapter") and not surface.calls("/v1/unload_lora_adapter")

@@ -255,3 +255,28 @@ def test_a_tokenizer_that_pads_or_truncates_still_counts_the_real_tokens(tmp_pat
     counter = TokenCounter(tmp_path, 16)
     assert counter.completion(["word word", "word"], 512).tokens == 3
     assert counter.completion("word " * 300, 512).longest == 300
+
+
+def test_admin_calls_come_from_loopback_with_the_engine_key() -> None:
+    from types import SimpleNamespace
+
+    from serve.gateway.adapters_admin import check_admin
+    from serve.gateway.context import RequestContext
+    from serve.gateway.errors import Forbidden, Unauthorized
+
+    def call(client: str | None, engine_key: str | None, presented: bytes) -> None:
+        state = SimpleNamespace(upstream=SimpleNamespace(engine_key=engine_key))
+        ctx = RequestContext(id="r", start=0.0, route="/admin/adapters", client=client)
+        check_admin(state, ctx, {"headers": [(b"authorization", b"Bearer " + presented)]})  # type: ignore[arg-type]
+
+    call("127.0.0.1", "secret", b"secret")
+    call("::1", "secret", b"secret")
+    for client, engine_key, presented, error in (
+        ("10.0.0.7", "secret", b"secret", Forbidden),
+        ("unix-socket", "secret", b"secret", Forbidden),
+        (None, "secret", b"secret", Forbidden),
+        ("127.0.0.1", "secret", b"wrong", Unauthorized),
+        ("127.0.0.1", None, b"", Forbidden),
+    ):
+        with pytest.raises(error):
+            call(client, engine_key, presented)
