@@ -157,12 +157,17 @@ def test_streamed_response_times_first_token_and_counts_usage(surface: Surface) 
 
 
 def test_stored_response_is_retrieved_from_its_engine_with_a_key_that_may_use_the_model(surface: Surface) -> None:
+    first, holder = surface.engines
+    first.healthy = False
+    time.sleep(1.2)  # health checks every 0.5 s: the response is made on the second engine
     made = surface.client().responses.create(model="chat", input=QUESTION)
-    holder = next(e for e in surface.engines if made.id in e.stored)
-    for _ in range(4):  # least-outstanding routing alone would alternate; the id pins the engine
+    assert made.id in holder.stored
+    first.healthy = True
+    time.sleep(1.2)
+    for _ in range(4):  # least-outstanding routing alone would pick the first engine now; the id pins the second
         again = surface.client().responses.retrieve(made.id)
         assert again.id == made.id and again.output_text == "Paris"
-    assert [p for e in surface.engines if e is not holder for p in e.paths()].count(f"/v1/responses/{made.id}") == 0
+    assert holder.paths().count(f"/v1/responses/{made.id}") == 4 and first.calls == []
     cancelled = surface.client().responses.cancel(made.id)
     assert cancelled.status == "cancelled"
     outsider = surface.key(["embed-model"])
@@ -180,12 +185,16 @@ def test_stored_response_is_retrieved_from_its_engine_with_a_key_that_may_use_th
 
 
 def test_previous_response_id_continues_on_the_engine_that_holds_it(surface: Surface) -> None:
+    first, holder = surface.engines
+    first.healthy = False
+    time.sleep(1.2)
     made = surface.client().responses.create(model="chat", input=QUESTION)
-    holder = next(e for e in surface.engines if made.id in e.stored)
+    first.healthy = True
+    time.sleep(1.2)
     for _ in range(3):
         surface.client().responses.create(model="chat", input="And Spain?", previous_response_id=made.id)
     follow_ups = [b for _, p, b in holder.calls if p == "/v1/responses" and b.get("previous_response_id")]
-    assert len(follow_ups) == 3
+    assert len(follow_ups) == 3 and not [c for c in first.calls if c[1] == "/v1/responses"]
     with pytest.raises(openai.NotFoundError):
         surface.client().responses.create(model="chat", input="x", previous_response_id="resp_" + "e" * 32)
 
@@ -369,11 +378,25 @@ def test_adapters_of_the_model_file_are_served_on_every_replica(tmp_path: Path) 
             surface = Surface(gw, [one, two], tmp_path)
             cards = {m.id: m.model_dump() for m in surface.client().models.list()}
             assert cards["listed-sft"]["parent"] == "chat-model" and cards["listed-sft"]["root"] == "org/listed-sft"
+            for engine in (one, two):  # the engines hold the adapter's requests a while: they overlap
+                engine.adapters, engine.hold = {"listed-sft"}, 0.5
             question = [{"role": "user", "content": "x"}]
-            for _ in range(4):
-                surface.client().chat.completions.create(model="listed-sft", messages=question)  # type: ignore[arg-type]
-            assert [r["model"] for r in one.requests] == [r["model"] for r in two.requests] == ["listed-sft"] * 2
-            body = {"name": "listed-sft", "source": "org/other", "model": "chat-model"}
+            asking = [
+                threading.Thread(
+                    target=lambda: surface.client().chat.completions.create(model="listed-sft", messages=question)  # type: ignore[arg-type]
+                )
+                for _ in range(4)
+            ]
+            for thread in asking:
+                thread.start()
+                time.sleep(0.05)
+            for thread in asking:
+                thread.join()
+            assert {r["model"] for r in one.requests + two.requests} == {"listed-sft"}
+            assert one.requests and two.requests, "a model file's adapter is on every replica"
+            one.adapters = two.adapters = set()
+            # Not even from the same source: the engines started with it, every replica holds it already.
+            body = {"name": "listed-sft", "source": "org/listed-sft", "model": "chat-model"}
             assert surface.admin("POST", "/admin/adapters", json=body).status_code == 400
             assert surface.admin("DELETE", "/admin/adapters/listed-sft").status_code == 400
             assert not surface.calls("/v1/load_lora_adapter") and not surface.calls("/v1/unload_lora_adapter")
