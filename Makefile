@@ -7,7 +7,7 @@ EXTRA ?= cpu
 SETUP_VERSION := 3
 STAMP := $(VENV)/.llmserve-setup-$(EXTRA)-v$(SETUP_VERSION)
 
-.PHONY: setup run test bench bench-gateway lint typecheck check-configs clean
+.PHONY: setup run test soak bench bench-gateway lint typecheck check-configs clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,15 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(VENV)/bin/llmserve up $(foreach m,$(MODELS) $(MODEL),--model $(m)) $(if $(HOST),--host $(HOST)) $(if $(PORT),--port $(PORT))
 
+# The soak tier (tests/soak) runs inside `make test` at its CI length; `make soak` runs it alone, for
+# SOAK_SECONDS when given (its default, 10 minutes, is in tests/soak/conftest.py).
+SOAK_CI_SECONDS ?= 180
+
 test: setup lint typecheck
-	$(PY) -m pytest
+	SOAK_SECONDS=$(SOAK_CI_SECONDS) $(PY) -m pytest
+
+soak: setup
+	$(if $(SOAK_SECONDS),SOAK_SECONDS=$(SOAK_SECONDS)) $(PY) -m pytest tests/soak -m soak
 
 # Against a running `make run`: the transformers baseline, vLLM direct and the gateway, same seeded requests.
 bench: setup
