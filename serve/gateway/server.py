@@ -79,6 +79,10 @@ def uvicorn_config(settings: GatewaySettings, app: object, protocol: type[Bounde
         lifespan="on",
         log_config=None,
         access_log=False,
+        # The gateway reads no X-Forwarded-* header: no middleware rewriting each request's client for it.
+        proxy_headers=False,
+        # No "server: uvicorn" on every answer (nothing for a caller to fingerprint).
+        server_header=False,
         # The drain already waited for requests in flight; this only bounds the last connection close.
         timeout_graceful_shutdown=5,
         timeout_keep_alive=30,
