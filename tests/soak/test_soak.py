@@ -95,6 +95,7 @@ def test_fds_return_to_their_baseline(figures: Figures) -> None:
     base, end = figures.conns_baseline, figures.conns_end
     assert figures.fds_baseline is not None and figures.fds_end is not None
     assert end.get("engine", 0) <= base.get("engine", 0) + 1, f"engine connections left: {base} -> {end}"
+    # Redis sockets in any state: the pool's, and the broken ones test_no_socket_outlives_its_connection is about.
     pooled = max(0, redis_sockets(end) - redis_sockets(base))
     # redis-py keeps every connection it opened; more than one per user would be connections lost, not pooled.
     assert pooled <= sum(figures.users.values()), f"Redis connections: {base} -> {end}"
