@@ -25,7 +25,8 @@ def take_lease(state: GatewayState, ctx: RequestContext, lease: contextlib.Abstr
     try:
         return ctx.resources.enter_context(lease)
     except Unavailable as exc:
-        state.metrics.errors.labels(ctx.model, "overloaded" if exc.code == "overloaded" else "unavailable").inc()
+        ctx.failure = "overloaded" if exc.code == "overloaded" else "unavailable"
+        state.metrics.errors.labels(ctx.model, ctx.failure).inc()
         raise
 
 
@@ -37,6 +38,10 @@ async def admit(state: GatewayState, ctx: RequestContext, reserve_tokens: int) -
         ticket = await state.limiter.acquire(key, reserve_tokens)
     except RateLimited as exc:
         state.metrics.rate_limited.labels(ctx.model, key.id, exc.code or "rate_limit").inc()
+        raise
+    except Unavailable as exc:  # the limits backend is down: refused rather than let through unlimited
+        state.metrics.errors.labels(ctx.model, exc.code or "unavailable").inc()
+        ctx.failure = exc.code
         raise
 
     async def settle() -> None:
@@ -60,7 +65,8 @@ async def schedule(state: GatewayState, ctx: RequestContext, found: ModelState, 
     try:
         lease = await found.scheduler.admit(key, prepared.affinity, prepared.prompt_tokens)
     except (RateLimited, Unavailable) as exc:
-        metrics.errors.labels(ctx.model, exc.code or "unavailable").inc()
+        ctx.failure = exc.code or "unavailable"
+        metrics.errors.labels(ctx.model, ctx.failure).inc()
         raise
     ctx.queue_wait = time.perf_counter() - started
     metrics.queue_wait.labels(ctx.model, key.priority).observe(ctx.queue_wait)

@@ -75,6 +75,7 @@ def record(ctx: RequestContext, metrics: GatewayMetrics, method: str, api: bool)
                     "method": method,
                     "route": ctx.route,
                     "status": ctx.status,
+                    "failure": ctx.failure,
                     "key_id": key_id,
                     "model": ctx.model,
                     "endpoint": ctx.endpoint,

@@ -7,6 +7,9 @@ import contextlib
 import logging
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from serve.config.gateway import LimitsSettings
@@ -172,6 +175,12 @@ class RedisLimiter(Limiter):
             decode_responses=True,
             socket_timeout=settings.redis_timeout,
             socket_connect_timeout=settings.redis_timeout,
+            # After a Redis restart every pooled connection is dead: a call that meets one reconnects and tries once
+            # more (a dead socket took nothing), and one idle for a while is checked before use, so neither a
+            # settle (its slot) nor an admission (a 503) is lost to a connection broken long ago.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+            health_check_interval=5,
         )
         return cls(client, key_prefix=settings.key_prefix, slot_lease=settings.slot_lease, clock=clock)
 
