@@ -9,15 +9,14 @@ import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from serve.gateway.asgi import Receive, Scope, Send, header, read_body, send_bytes, send_error
+from serve.gateway.bodies import INLINE_BODY_BYTES, parse_json_object, requested_model
 from serve.gateway.catalog import Catalog
 from serve.gateway.context import RequestContext
-from serve.gateway.errors import BadRequest, Forbidden, NotFound, Unauthorized, Unavailable
+from serve.gateway.errors import Forbidden, NotFound, Unauthorized, Unavailable
 from serve.gateway.fields import check_media_hosts
 from serve.gateway.forward import forward
 from serve.gateway.paths import RouteTable
@@ -26,23 +25,6 @@ from serve.gateway.routes_api import Surface
 from serve.gateway.state import GatewayState
 
 Handler = Callable[[GatewayState, RequestContext, Scope, Receive, Send], Awaitable[None]]
-
-# Bodies above this are parsed, templated and tokenized in a worker thread, so one huge prompt cannot stall
-# every stream the event loop is relaying.
-INLINE_BODY_BYTES = 64 * 1024
-
-
-def parse_json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        # orjson refuses what would fail later: invalid UTF-8, lone surrogates, nesting past 1,024 levels.
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest(
-            "request body is not valid JSON (or not UTF-8, or nested too deeply)", code="invalid_json"
-        ) from None
-    if not isinstance(body, dict):
-        raise BadRequest("request body must be a JSON object", code="invalid_json")
-    return body
 
 
 def generation(kind: Kind, path: str, catalog: Catalog) -> Handler:
@@ -77,9 +59,7 @@ async def generate(
     else:
         body = parse_json_object(raw)
     del raw
-    requested = body.get("model")
-    if not isinstance(requested, str) or not requested:
-        raise BadRequest("model is required and must be a string", param="model", code="missing_required_parameter")
+    requested = requested_model(body)
     # A served name or alias, or an adapter (the base model's file under its name, held until the request ends).
     found = catalog.lookup(state, ctx, requested)
     if found is None:
