@@ -103,7 +103,8 @@ async def forward(
     ctx.prompt_estimate, ctx.reserved, ctx.stream = prepared.prompt_tokens, prepared.reserve_tokens, prepared.stream
     # From here a client that leaves is noticed, queued or not: its place and its reservation come back at once.
     ctx.watch_client(receive, state.client_watch)
-    if lease is None and found.scheduler is not None:
+    # The queue leases from its model's pool; a narrower view of it (an adapter's replicas) leases by its own routing.
+    if lease is None and found.scheduler is not None and found.scheduler.pool is found.pool:
         held = await schedule(state, ctx, found, prepared)
     else:
         held = take_lease(state, ctx, lease if lease is not None else found.pool.lease(prepared.affinity))
