@@ -198,9 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     model = load_model_file(args.model_file)
     if args.tenants:
-        from loadtests.tenant_run import cmd_tenants
+        from loadtests.tenant_run import CommandParts, cmd_tenants
 
-        return cmd_tenants(args, model)
+        parts = CommandParts(default_folder, finish, measure_quality, redacted_command, resolve, target_of)
+        return cmd_tenants(args, model, parts)
     if args.tenant:
         print("error: --tenant picks tenants of a --tenants file", file=sys.stderr)
         return 2

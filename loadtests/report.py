@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from loadtests.config import LoadConfig, QualityConfig, report_lines
+from loadtests.numbers import fmt, percentiles
 from loadtests.quality import QualityResult, quality_failures, table
 from loadtests.runner import LevelResult
-from loadtests.stats import MIN_SAMPLES, Distribution
+from loadtests.stats import MIN_SAMPLES
 
 Quality = Sequence[QualityResult]
 
@@ -148,17 +149,6 @@ def write_csv(path: Path, results: Sequence[LevelResult]) -> None:
 
 def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
-
-
-def fmt(value: float | None, scale: float = 1.0, digits: int = 1) -> str:
-    if value is None or math.isnan(value):
-        return "-"
-    return f"{value * scale:.{digits}f}"
-
-
-def percentiles(d: Distribution, scale: float = 1.0, digits: int = 0) -> str:
-    """p50 / p99 with the number of samples they come from."""
-    return f"{fmt(d.p50, scale, digits)} / {fmt(d.p99, scale, digits)} (n={d.count})"
 
 
 def level_line(r: LevelResult) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from loadtests.report import fmt, percentiles
+from loadtests.numbers import fmt, percentiles
 from loadtests.runner import LevelResult
 
 # Error messages listed per tenant in the notes.

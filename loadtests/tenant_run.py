@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from loadtests.config import LoadConfig, QualityConfig, flag, from_args
 from loadtests.progress import GroupProgress, LiveProgress
@@ -97,9 +98,23 @@ def run_together(
     return [collect(one, code, window) for one, code in zip(launched, codes, strict=True)]
 
 
-def cmd_tenants(args: argparse.Namespace, model: ModelFile) -> int:
-    from loadtests.cli import default_folder, finish, measure_quality, redacted_command, resolve, target_of
+@dataclass(frozen=True)
+class CommandParts:
+    """What `bench run` shares with a tenants run, handed over by the command (which imports this module)."""
+
+    default_folder: Callable[..., Any]
+    finish: Callable[..., Any]
+    measure_quality: Callable[..., Any]
+    redacted_command: Callable[..., Any]
+    resolve: Callable[..., Any]
+    target_of: Callable[..., Any]
+
+
+def cmd_tenants(args: argparse.Namespace, model: ModelFile, parts: CommandParts) -> int:
     from loadtests.report import Meta, level_line
+
+    default_folder, finish, measure_quality = parts.default_folder, parts.finish, parts.measure_quality
+    redacted_command, resolve, target_of = parts.redacted_command, parts.resolve, parts.target_of
 
     run_target = target_of(args, model)
     base = from_args(LoadConfig, args)
