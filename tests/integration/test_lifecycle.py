@@ -139,7 +139,8 @@ def client_stops_reading(s: Stack) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.sendall(head + body)
         # Idle timeout 1 s: the gateway gives up on the stalled client and closes the engine request.
-        assert s.engine.aborted.wait(15), "a client that stopped reading held its stream"
+        # Generous: the engine, the gateway and this client share one process (and a busy machine).
+        assert s.engine.aborted.wait(30), "a client that stopped reading held its stream"
 
 
 def drain(s: Stack) -> None:
