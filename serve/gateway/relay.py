@@ -117,6 +117,8 @@ class StreamRelay:
         closing = b""
         chunk = first
         at_client = False
+        # The server holds the head back until the first body bytes: the first round sends, even if empty.
+        head_sent = False
         try:
             while True:
                 events = splitter.feed(chunk)
@@ -124,8 +126,8 @@ class StreamRelay:
                     body = events[0] if self._keep(events[0]) else b""
                 else:
                     body = b"".join(e for e in events if self._keep(e))
-                if body:
-                    at_client = True
+                if body or not head_sent:
+                    head_sent = at_client = True
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                     at_client = False
                 chunk = await anext(chunks)
