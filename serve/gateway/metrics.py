@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -38,36 +38,74 @@ class Labelled:
 
 
 class EventHistogram(Collector):
-    """A histogram with one label, cheap enough for every streamed event: a bucket index and two additions.
+    """A histogram cheap enough for every request and every streamed event: a bucket index and two additions.
 
-    The event loop is the only writer and the only reader (scrapes run on it too), so it needs no lock.
+    The event loop is the only writer and the only reader (scrapes run on it too), so it needs no lock; a series'
+    labels are looked up once per tuple of values, not per observation.
     """
 
-    def __init__(self, name: str, documentation: str, label: str, buckets: tuple[float, ...]) -> None:
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> None:
         self.name = name
         self.documentation = documentation
-        self.label = label
+        self.label_names = list(labels)
         self.bounds = buckets
-        self._series: dict[str, EventSeries] = {}
+        self._series: dict[tuple[str, ...], EventSeries] = {}
 
-    def labels(self, value: str) -> EventSeries:
-        series = self._series.get(value)
+    def labels(self, *values: str) -> EventSeries:
+        series = self._series.get(values)
         if series is None:
-            series = self._series[value] = EventSeries(self.bounds)
+            series = self._series[values] = EventSeries(self.bounds)
         return series
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
-        for value, series in self._series.items():
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+        bounds = (*(repr(float(b)) for b in self.bounds), "+Inf")
+        for values, series in self._series.items():
             running, buckets = 0, []
-            for bound, count in zip((*(repr(float(b)) for b in self.bounds), "+Inf"), series.counts, strict=True):
+            for bound, count in zip(bounds, series.counts, strict=True):
                 running += count
                 buckets.append((bound, running))
-            family.add_metric([value], buckets, series.total)
+            family.add_metric(list(values), buckets, series.total)
         yield family
 
     def describe(self) -> Iterator[HistogramMetricFamily]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.label_names)
+
+
+class EventCounter(Collector):
+    """A counter for every request's path, without prometheus_client's lock per increment (see EventHistogram)."""
+
+    def __init__(self, name: str, documentation: str, labels: tuple[str, ...]) -> None:
+        # Named as exposed, without "_total": the family adds it.
+        self.name = name.removesuffix("_total")
+        self.documentation = documentation
+        self.label_names = list(labels)
+        self._series: dict[tuple[str, ...], CounterSeries] = {}
+
+    def labels(self, *values: str) -> CounterSeries:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = CounterSeries()
+        return series
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+        for values, series in self._series.items():
+            family.add_metric(list(values), series.value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.documentation, labels=self.label_names)
+
+
+class CounterSeries:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
 
 
 class EventSeries:
@@ -89,13 +127,11 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Labelled(
-            Counter(
-                "gateway_requests_total",
-                "Requests answered, by model, key id, route template and status class.",
-                ["model", "key", "route", "status_class"],
-                registry=r,
-            )
+        # What every request or streamed event records: collectors of our own, without a lock per observation.
+        self.requests = self._loop_counter(
+            "gateway_requests_total",
+            "Requests answered, by model, key id, route template and status class.",
+            ("model", "key", "route", "status_class"),
         )
         self.rate_limited = Labelled(
             Counter(
@@ -121,14 +157,12 @@ class GatewayMetrics:
                 registry=r,
             )
         )
-        # Observed per streamed event: a histogram of our own (no lock, no label lookup per event), read at scrape.
-        self.itl = EventHistogram(
+        self.itl = self._loop_histogram(
             "gateway_inter_token_latency_seconds",
             "Gaps between consecutive content events of a stream, as sent to the client.",
-            "model",
+            ("model",),
             ITL_BUCKETS,
         )
-        r.register(self.itl)
         self.errors = Labelled(
             Counter(
                 "gateway_errors_total",
@@ -137,60 +171,40 @@ class GatewayMetrics:
                 registry=r,
             )
         )
-        self.duration = Labelled(
-            Histogram(
-                "gateway_request_duration_seconds",
-                "End-to-end request duration (to the last byte of a stream).",
-                ["model", "route"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            )
+        self.duration = self._loop_histogram(
+            "gateway_request_duration_seconds",
+            "End-to-end request duration (to the last byte of a stream).",
+            ("model", "route"),
+            LATENCY_BUCKETS,
         )
-        self.ttft = Labelled(
-            Histogram(
-                "gateway_time_to_first_token_seconds",
-                "Time from request arrival to the first generated content sent to the client.",
-                ["model"],
-                buckets=TTFT_BUCKETS,
-                registry=r,
-            )
+        self.ttft = self._loop_histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from request arrival to the first generated content sent to the client.",
+            ("model",),
+            TTFT_BUCKETS,
         )
-        self.overhead = Labelled(
-            Histogram(
-                "gateway_overhead_seconds",
-                "Time spent in the gateway before the upstream request is sent.",
-                ["model"],
-                buckets=OVERHEAD_BUCKETS,
-                registry=r,
-            )
+        self.overhead = self._loop_histogram(
+            "gateway_overhead_seconds",
+            "Time spent in the gateway before the upstream request is sent.",
+            ("model",),
+            OVERHEAD_BUCKETS,
         )
-        self.prompt_tokens = Labelled(
-            Counter("gateway_prompt_tokens_total", "Prompt tokens, from the engine's usage.", ["model"], registry=r)
+        self.prompt_tokens = self._loop_counter(
+            "gateway_prompt_tokens_total", "Prompt tokens, from the engine's usage.", ("model",)
         )
-        self.completion_tokens = Labelled(
-            Counter(
-                "gateway_completion_tokens_total",
-                "Completion tokens, from the engine's usage.",
-                ["model"],
-                registry=r,
-            )
+        self.completion_tokens = self._loop_counter(
+            "gateway_completion_tokens_total", "Completion tokens, from the engine's usage.", ("model",)
         )
-        self.queue_wait = Labelled(
-            Histogram(
-                "gateway_queue_wait_seconds",
-                "Time a request waited in the gateway's queue for an engine, by model and class.",
-                ["model", "class"],
-                buckets=LATENCY_BUCKETS,
-                registry=r,
-            )
+        self.queue_wait = self._loop_histogram(
+            "gateway_queue_wait_seconds",
+            "Time a request waited in the gateway's queue for an engine, by model and class.",
+            ("model", "class"),
+            LATENCY_BUCKETS,
         )
-        self.served_tokens = Labelled(
-            Counter(
-                "gateway_served_tokens_total",
-                "Prompt plus completion tokens served, by model and key: what the fair share counts.",
-                ["model", "key"],
-                registry=r,
-            )
+        self.served_tokens = self._loop_counter(
+            "gateway_served_tokens_total",
+            "Prompt plus completion tokens served, by model and key: what the fair share counts.",
+            ("model", "key"),
         )
         self.health_check_errors = Counter(
             "gateway_health_check_errors_total",
@@ -202,6 +216,18 @@ class GatewayMetrics:
             "Versions of the keys file refused (broken, unreadable, deleted); the last good keys stay in force.",
             registry=r,
         )
+
+    def _loop_histogram(
+        self, name: str, documentation: str, labels: tuple[str, ...], buckets: tuple[float, ...]
+    ) -> EventHistogram:
+        histogram = EventHistogram(name, documentation, labels, buckets)
+        self.registry.register(histogram)
+        return histogram
+
+    def _loop_counter(self, name: str, documentation: str, labels: tuple[str, ...]) -> EventCounter:
+        counter = EventCounter(name, documentation, labels)
+        self.registry.register(counter)
+        return counter
 
     def watch_http(self, stats: Any) -> None:
         """The HTTP server's connections and its own refusals (http_protocol.ConnectionStats), read at scrape time."""
