@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import orjson
 
@@ -103,30 +104,26 @@ class Proxy:
         return max(0.0, self.ctx.start + limit - time.perf_counter())
 
     async def send(self) -> EngineResponse:
-        """The engine's answer head; one retry elsewhere on a connect error or a 503, never after the first byte."""
+        """The engine's answer head; one retry elsewhere on a connect error or a 503, never after the first byte.
+
+        The caller bounds the wait (`answer`: one deadline for the head and the first event or the whole body)."""
         ctx, upstream, fwd = self.ctx, self.upstream, self.forward
         headers = {"content-type": "application/json", "x-request-id": ctx.id}
         if upstream.engine_key:
             headers["authorization"] = f"Bearer {upstream.engine_key}"
-        # Streams: vLLM answers with headers at once, the first event follows prefill. Non-streams: headers at the end.
-        within = fwd.timeouts.first_byte if fwd.stream else fwd.timeouts.total
         upstream.metrics.overhead.labels(ctx.model).observe(time.perf_counter() - ctx.start)
         error: GatewayError
         while True:
             ctx.endpoint = self.lease.endpoint.url
             try:
-                async with asyncio.timeout(self.remaining(within)):
-                    resp = await upstream.client.post(
-                        self.lease.endpoint.url + fwd.path, fwd.body, headers, fwd.timeouts.connect
-                    )
+                resp = await upstream.client.post(
+                    self.lease.endpoint.url + fwd.path, fwd.body, headers, fwd.timeouts.connect
+                )
             except ConnectFailed as exc:
                 ctx.endpoint = None  # the engine never saw it
                 self.failed("connect_error")
                 log.warning("engine %s unreachable: %s", self.lease.endpoint.url, exc)
                 error = Unavailable(f"engine for model {ctx.model!r} is unreachable")
-            except TimeoutError:
-                self.failed("first_byte_timeout")
-                raise UpstreamTimeout("the engine did not answer in time") from None
             except EngineBroken as exc:
                 self.failed("upstream_broken")
                 raise UpstreamError(f"engine request failed: {exc}") from None
@@ -148,50 +145,50 @@ class Proxy:
         raise error
 
     async def answer(self, send: Send) -> None:
-        """Forward the request and answer the client: an envelope before the first byte, SSE events after it."""
-        resp = await self.send()
+        """Forward the request and answer the client: an envelope before the first byte, SSE events after it.
+
+        One deadline covers the engine's head and what decides the status: a stream's first event (first_byte from
+        the request's start) or a whole non-streamed body (total). Past it, a 504 names the stage that was late."""
         fwd, ctx = self.forward, self.ctx
-        if resp.status != 200:
-            body = await read_error_body(resp)
-            if resp.status >= 500:
-                self.failed(f"upstream_{resp.status}")
-            else:
-                # The engine refused the request: nothing was generated, so nothing is charged.
-                self.lease.succeeded()
-                ctx.prompt_tokens, ctx.completion_tokens = 0, 0
-            raise upstream_error(resp.status, body)
-        if fwd.stream:
-            chunks = aiter(resp.chunks())
-            try:
-                # Peek at the first event: a timeout here is still a 504, not a broken 200.
-                async with asyncio.timeout(self.remaining(fwd.timeouts.first_byte)):
-                    first = await anext(chunks)
-            except TimeoutError:
+        stage = "head"
+        try:
+            async with asyncio.timeout(self.remaining(fwd.timeouts.first_byte if fwd.stream else fwd.timeouts.total)):
+                resp = await self.send()
+                if resp.status == 200:
+                    stage = "body"
+                    if fwd.stream:
+                        chunks = aiter(resp.chunks())
+                        # Peek at the first event: a timeout here is still a 504, not a broken 200.
+                        first = await anext(chunks)
+                    else:
+                        body = await resp.read()
+        except TimeoutError:
+            if stage == "head":
                 self.failed("first_byte_timeout")
-                raise UpstreamTimeout("the engine sent no token in time") from None
-            except StopAsyncIteration:
-                self.failed("empty_stream")
-                raise UpstreamError("the engine closed the stream without an event") from None
-            except EngineBroken as exc:
-                self.failed("upstream_broken")
-                raise UpstreamError(f"engine stream failed: {exc}") from None
-            self.lease.succeeded()
+                raise UpstreamTimeout("the engine did not answer in time") from None
+            if not fwd.stream:
+                self.failed("total_timeout")
+                raise UpstreamTimeout("the engine did not finish in time") from None
+            self.failed("first_byte_timeout")
+            raise UpstreamTimeout("the engine sent no token in time") from None
+        except StopAsyncIteration:
+            self.failed("empty_stream")
+            raise UpstreamError("the engine closed the stream without an event") from None
+        except EngineBroken as exc:
+            self.failed("upstream_broken")
+            what = "stream" if fwd.stream else "connection"
+            raise UpstreamError(f"engine {what} failed: {exc}") from None
+        if resp.status != 200:
+            # Its error body has a bound of its own (read_error_body), outside the deadline.
+            await self.refuse(resp)
+        self.lease.succeeded()
+        if fwd.stream:
             relay = StreamRelay(
                 ctx, self.upstream.metrics, fwd.timeouts, fwd.strip_usage, self.failed, self.upstream.max_event_bytes
             )
             await relay.run(send, first, chunks)
             self.record_tokens()
             return
-        try:
-            async with asyncio.timeout(self.remaining(fwd.timeouts.total)):
-                body = await resp.read()
-        except TimeoutError:
-            self.failed("total_timeout")
-            raise UpstreamTimeout("the engine did not finish in time") from None
-        except EngineBroken as exc:
-            self.failed("upstream_broken")
-            raise UpstreamError(f"engine connection failed: {exc}") from None
-        self.lease.succeeded()
         try:
             usage = orjson.loads(body).get("usage")
         except (orjson.JSONDecodeError, AttributeError):
@@ -201,6 +198,17 @@ class Proxy:
             ctx.record_usage(usage)
         self.record_tokens()
         await send_bytes(ctx, send, 200, body)
+
+    async def refuse(self, resp: EngineResponse) -> NoReturn:
+        """An engine's answer other than 200 (and 503, which `send` retried): its envelope, counted by who failed."""
+        body = await read_error_body(resp)
+        if resp.status >= 500:
+            self.failed(f"upstream_{resp.status}")
+        else:
+            # The engine refused the request: nothing was generated, so nothing is charged.
+            self.lease.succeeded()
+            self.ctx.prompt_tokens, self.ctx.completion_tokens = 0, 0
+        raise upstream_error(resp.status, body)
 
     def record_tokens(self) -> None:
         ctx, metrics = self.ctx, self.upstream.metrics

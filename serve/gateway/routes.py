@@ -51,9 +51,10 @@ async def generate(
     # A large body is parsed, checked and serialised in a worker thread, a few at a time: the loop keeps relaying
     # streams meanwhile, and the memory of bodies in preparation stays bounded. The place is the request's until
     # its body is ready to send (or the request ends first).
-    preparing = contextlib.AsyncExitStack()
-    ctx.resources.push_async_callback(preparing.aclose)
+    preparing: contextlib.AsyncExitStack | None = None
     if off_loop:
+        preparing = contextlib.AsyncExitStack()
+        ctx.resources.push_async_callback(preparing.aclose)
         await preparing.enter_async_context(state.large_bodies)
         body = await asyncio.to_thread(parse_json_object, raw)
     else:
@@ -79,7 +80,7 @@ async def generate(
         prepared = apply_policy(*policy_args)
     if prepared.media_hosts:  # before any lease or limit is taken: a slow resolver holds nothing
         await check_media_hosts(prepared.media_hosts, model.policy.fields)
-    await forward(state, ctx, receive, send, found, prepared, path, preparing=preparing if off_loop else None)
+    await forward(state, ctx, receive, send, found, prepared, path, preparing=preparing)
 
 
 async def list_models(
