@@ -25,6 +25,7 @@ from serve.engine.process import (
     free_port,
     restart_with_backoff,
 )
+from serve.engine.progress import Screen, StartProgress, shown
 from serve.models.prepare import ModelPrepareError, prepare_model
 from serve.ray.cluster import RAY_ADDRESS_ENV, RayClusterError, check_ray_executor
 from serve.ray.launch import RAY_STOP_SECONDS, ray_serve_child, wait_deployed
@@ -143,10 +144,27 @@ async def start_engines(stack: Stack, engine_key: str) -> None:
                 log_path=stack.state.logs / f"engine-{model.name.replace('/', '_')}-{replica}.log",
             )
             stack.engines.append(Engine(model=model, url=f"http://127.0.0.1:{port}", child=child))
+    screen = Screen(sys.stderr)
+    several = len(stack.engines) > 1
+    # Made before the engines start: each reads its log from where this start begins.
+    progress = [StartProgress(e.child.name if several else "engine", e.child.log_path, screen) for e in stack.engines]
     for engine in stack.engines:
         await engine.child.start()
     print(f"waiting for {len(stack.engines)} engine(s); logs in {stack.state.logs}", file=sys.stderr)
-    await asyncio.gather(*(e.wait_ready() for e in stack.engines))
+    waits = [asyncio.create_task(wait_ready_shown(e, p)) for e, p in zip(stack.engines, progress, strict=True)]
+    try:
+        await asyncio.gather(*waits)
+    finally:
+        # One engine failed, or `up` was stopped: stop waiting for the others too (and showing their progress).
+        for task in waits:
+            task.cancel()
+        if waits:
+            await asyncio.wait(waits)
+
+
+async def wait_ready_shown(engine: Engine, progress: StartProgress) -> None:
+    async with shown(progress):
+        await engine.wait_ready()
 
 
 def write_runtime_config(stack: Stack) -> Path:
