@@ -28,6 +28,8 @@ from typing import Any
 import yaml
 
 from loadtests.gateway_bench_client import Exchange, Session, check_exchange, request_bytes
+from loadtests.gateway_bench_instructions import instructions_table, run_instructions
+from loadtests.gateway_bench_instructions import missing_tools as instructions_tools
 from loadtests.gateway_bench_load import Usage, lua_script, profile_wrk, py_spy, run_wrk, top_frames
 from loadtests.gateway_bench_procs import MODEL_FILE, ROOT, Processes, Target, started, tree_commit
 from loadtests.gateway_bench_report import problems, ratios, table
@@ -82,6 +84,13 @@ def add_options(p: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="DIR",
         help="after the measured phases, one more phase per gateway and kind under py-spy; collapsed stacks in DIR",
+    )
+    p.add_argument(
+        "--instructions",
+        type=int,
+        metavar="N",
+        help="instead of the wrk phases: each gateway under callgrind, instructions per request over N requests "
+        "of each kind (immune to the machine's other work; needs valgrind)",
     )
     p.set_defaults(func=cmd_gateway)
 
@@ -210,6 +219,8 @@ def profile(args: argparse.Namespace, gateway: Target, kind: str, script: Path) 
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    if args.instructions is not None:
+        return cmd_instructions(args)
     missing = missing_tools(args.profile is not None)
     if missing:
         print(f"error: {missing}", file=sys.stderr)
@@ -243,6 +254,34 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     print(table(report))
     print(f"report in {out}")
     return EXIT_SUSPECT if report["problems"] else 0
+
+
+def cmd_instructions(args: argparse.Namespace) -> int:
+    missing = instructions_tools()
+    if missing or args.instructions < 1:
+        print(f"error: {missing or '--instructions takes a positive count'}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    sources = [src.resolve() for src in (args.gateway_src or [ROOT])]
+    out = args.out or Path("results") / f"gateway-instructions-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
+        try:
+            results = run_instructions(args, Path(tmp), sources, served_name(sources))
+        except (RuntimeError, subprocess.SubprocessError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_UNUSABLE
+    report = {
+        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "settings": {"requests": args.instructions, "events": args.events, "upstream": args.upstream},
+        "gateways": {
+            name: {"src": str(src), "commit": tree_commit(src)} for name, src in zip(results, sources, strict=True)
+        },
+        "instructions": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(instructions_table(results))
+    print(f"report in {out}")
+    return 0
 
 
 def build_report(args: argparse.Namespace, measured: dict[str, Any]) -> dict[str, Any]:
