@@ -98,6 +98,10 @@ def add_bench_parser(sub: Any) -> None:
 
     add_gateway_bench(actions)
 
+    from loadtests.engine_sweep import add_parser as add_engine_sweep
+
+    add_engine_sweep(actions)
+
 
 def add_baseline_options(p: argparse.ArgumentParser, url_help: str) -> None:
     p.add_argument("--baseline-url", help=url_help)
