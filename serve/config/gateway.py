@@ -67,6 +67,8 @@ class GatewayFile(Strict):
     body_timeout: float = Field(default=10.0, gt=0)
     body_min_rate: int = Field(default=8 * 1024, gt=0)
     max_connections: int = Field(default=4096, gt=0)
+    # Seconds an idle client connection stays open for its next request (above a load balancer's idle timeout).
+    keep_alive_timeout: float = Field(default=30.0, gt=0)
     # Gateway processes sharing the port. Per-key limits are shared between them only with limits.backend redis.
     workers: int = Field(default=1, ge=1)
     health_interval: float = Field(default=2.0, gt=0)

@@ -181,6 +181,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # When the body that spans reads began to arrive, and how much of it came since.
         self._body_started = 0.0
         self._body_bytes = 0
+        # Since when the connection has waited for its next request (None while a request is under way).
+        self._idle_since: float | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -197,7 +199,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._counted = False
             self.stats.admitted -= 1
         self._cancel_timer()
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
         super().connection_lost(exc)
+
+    # Keep-alive: one timer per connection, re-armed when it fires early, instead of a timer armed after every
+    # answer and cancelled by the next request's first bytes.
+    def _unset_keepalive_if_required(self) -> None:
+        self._idle_since = None
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            return
+        self._idle_since = self.loop.time()
+        if self.timeout_keep_alive_task is None:
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self._keep_alive_due)
+
+    def _keep_alive_due(self) -> None:
+        self.timeout_keep_alive_task = None
+        if self._idle_since is None or self.transport.is_closing():
+            return  # busy: the next answer arms the timer again
+        rest = self._idle_since + self.timeout_keep_alive - self.loop.time()
+        if rest > 0:
+            self.timeout_keep_alive_task = self.loop.call_later(rest, self._keep_alive_due)
+        else:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         if self._answered:

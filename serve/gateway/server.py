@@ -85,7 +85,7 @@ def uvicorn_config(settings: GatewaySettings, app: object, protocol: type[Bounde
         server_header=False,
         # The drain already waited for requests in flight; this only bounds the last connection close.
         timeout_graceful_shutdown=5,
-        timeout_keep_alive=30,
+        timeout_keep_alive=settings.file.keep_alive_timeout,  # type: ignore[arg-type]
     )
 
 

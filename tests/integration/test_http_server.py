@@ -299,3 +299,27 @@ def test_the_servers_own_refusals_show_in_the_gateways_metrics(gateway: GatewayP
     text = httpx.get(f"{gateway.url}/metrics").text
     assert refused(text) == before + 1
     assert metric_sum(text, "gateway_http_connections") >= 1  # the scrape's own connection
+
+
+def test_an_idle_connection_is_closed_after_the_keep_alive_timeout_and_a_busy_one_is_not(
+    tmp_path: Path, engine_url: str
+) -> None:
+    keep_alive = 1.0
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    with gateway_process(tmp_path, engine_url, keep_alive_timeout=keep_alive) as gw:
+        # Busy: a request every 0.4 s for three timeouts' worth, all on one connection.
+        with gw.connect() as sock:
+            sock.settimeout(5)
+            for _ in range(8):
+                sock.sendall(request)
+                reply = b""
+                while b'{"status":"ok"}' not in reply:
+                    chunk = sock.recv(65536)
+                    assert chunk, "the server closed a connection that was in use"
+                    reply += chunk
+                answered = time.monotonic()
+                time.sleep(0.4)
+            # Idle since the last answer: closed once the timeout has passed since then, not before.
+            assert read_all(sock, timeout=10) == b""
+            idle = time.monotonic() - answered
+        assert keep_alive * 0.9 <= idle < keep_alive + 2, idle
