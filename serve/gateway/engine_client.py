@@ -173,7 +173,12 @@ class EngineHttpResponse:
                 raise StopAsyncIteration
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            # `_wait` inlined: this runs once per arriving chunk of every stream.
+            waiter = self._waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
 
     def chunks(self) -> EngineHttpResponse:
         return self
