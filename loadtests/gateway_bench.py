@@ -265,7 +265,9 @@ def cmd_instructions(args: argparse.Namespace) -> int:
     out = args.out or Path("results") / f"gateway-instructions-{time.strftime('%Y%m%d-%H%M%S')}.json"
     with tempfile.TemporaryDirectory(prefix="gateway-instructions-") as tmp:
         try:
-            results = run_instructions(args, Path(tmp), sources, served_name(sources))
+            model = served_name(sources)
+            bodies = {kind: request_body(model, kind == "stream") for kind in KINDS}
+            results = run_instructions(args, Path(tmp), sources, model, bodies)
         except (RuntimeError, subprocess.SubprocessError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_UNUSABLE

@@ -112,11 +112,11 @@ def measure_gateway(gw: Target, out_prefix: Path, bodies: dict[str, bytes], coun
     return result
 
 
-def run_instructions(args: argparse.Namespace, folder: Path, sources: list[Path], model: str) -> dict[str, Any]:
-    """Every tree's gateway under callgrind in turn, in front of one instant upstream (not instrumented)."""
-    from loadtests.gateway_bench import request_body
-
-    bodies = {kind: request_body(model, kind == "stream") for kind in ("plain", "stream")}
+def run_instructions(
+    args: argparse.Namespace, folder: Path, sources: list[Path], model: str, bodies: dict[str, bytes]
+) -> dict[str, Any]:
+    """Every tree's gateway under callgrind in turn, in front of one instant upstream (not instrumented); `bodies`
+    holds the plain and the streamed request."""
     tokenizer = (args.tokenizer or default_tokenizer()).resolve()
     port = free_port()
     upstream = Target("direct", f"http://127.0.0.1:{port}", folder / "upstream.log")
