@@ -166,6 +166,9 @@ class Scheduling(Strict):
     # Requests in flight per engine the gateway aims for; None: the engine's max_num_seqs (vLLM's default, 256,
     # when the model file sets none). Engines that report waiting requests get no more until they do not.
     max_running_per_engine: int | None = Field(default=None, gt=0)
+    # Places per engine, within that target, kept for interactive requests: standard and batch work is admitted only
+    # while at least this many are free, so an interactive request finds one at once however much other work waits.
+    interactive_reserve: int = Field(default=0, ge=0)
     # Requests waiting in the gateway for this model; past it, 429 queue_full.
     max_queue: int = Field(default=1024, ge=0)
     # Seconds a request may wait in the gateway's queue; past it, 429 queue_timeout.

@@ -51,6 +51,8 @@ class Scheduler:
         self.pool = pool
         self.settings = settings
         self.target = settings.max_running_per_engine or max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
+        # At least one place stays open to the other classes.
+        self.reserve = min(settings.interactive_reserve, self.target - 1)
         self.shares: dict[str, KeyShare] = {}
         self.waiting = dict.fromkeys(CLASSES, 0)
         self.draining = False
@@ -60,9 +62,12 @@ class Scheduler:
     def queued(self) -> int:
         return sum(self.waiting.values())
 
-    def room(self, affinity: str | None) -> Endpoint | None:
-        """An endpoint below its target whose engine is not queueing (the affinity's own one if it has room)."""
-        open_ = [ep for ep in self.pool.endpoints if ep.healthy and ep.outstanding < self.target and not ep.waiting]
+    def room(self, affinity: str | None, klass: str = "interactive") -> Endpoint | None:
+        """An endpoint below the class's target whose engine is not queueing (the affinity's own one if it has room).
+
+        Interactive requests may fill an engine to the target; the others leave `interactive_reserve` places free."""
+        target = self.target if klass == "interactive" else self.target - self.reserve
+        open_ = [ep for ep in self.pool.endpoints if ep.healthy and ep.outstanding < target and not ep.waiting]
         if not open_:
             return None
         if affinity is not None:
@@ -87,8 +92,9 @@ class Scheduler:
             others = [s.counter for s in self.shares.values() if s.active]
             if others:
                 share.counter = max(share.counter, min(others))
-        if not self.queued:
-            endpoint = self.room(affinity)
+        # Nobody waits ahead of this request: nothing queued, or (interactive) nothing of its class, which goes first.
+        if not self.queued or (key.priority == "interactive" and not self.waiting["interactive"]):
+            endpoint = self.room(affinity, key.priority)
             if endpoint is not None:
                 return self._grant(share, key, endpoint, affinity, cost)
         if not self.pool.ready:
@@ -176,8 +182,7 @@ class Scheduler:
             self.refuse_all()
             return
         while self.queued:
-            endpoint = self.room(None)
-            if endpoint is None:
+            if self.room(None) is None:
                 return
             picked = self.next_waiter()
             if picked is None:
@@ -185,8 +190,12 @@ class Scheduler:
             share, waiter = picked
             if waiter.future.done():  # its request is leaving; it forgets itself
                 continue
-            if waiter.affinity is not None:
-                endpoint = self.room(waiter.affinity) or endpoint
+            endpoint = self.room(waiter.affinity, waiter.klass)
+            if endpoint is None:
+                # The free places are the interactive reserve: the best waiter is not interactive, so none goes.
+                share.queues[waiter.klass].appendleft(waiter)
+                self.waiting[waiter.klass] += 1
+                return
             share.counter += waiter.cost / waiter.key.weight
             waiter.future.set_result(Lease(self.pool, endpoint, waiter.affinity))
 

@@ -221,3 +221,41 @@ def test_an_engine_that_queues_gets_no_more() -> None:
         lease.__exit__(None, None, None)
 
     run(body)
+
+
+def test_the_interactive_reserve_is_left_free_by_other_classes_and_taken_at_once_by_interactive() -> None:
+    async def body() -> None:
+        s = scheduler(target=2, interactive_reserve=1)
+        a = await s.admit(key("a"), None, 10)
+        # A second standard request would take the reserved place: it waits.
+        b = asyncio.ensure_future(s.admit(key("b"), None, 10))
+        await wait_for(s, 1)
+        # An interactive one takes the reserved place at once, with standard work queued.
+        i = await asyncio.wait_for(s.admit(key("i", "interactive"), None, 10), 1)
+        assert s.pool.inflight == 2 and s.queued == 1
+        # The reserved place comes free: it is not handed to the waiting standard request.
+        i.__exit__(None, None, None)
+        await asyncio.sleep(0)
+        assert not b.done() and s.queued == 1 and s.pool.inflight == 1
+        # A standard place comes free: it is.
+        a.__exit__(None, None, None)
+        lease = await asyncio.wait_for(b, 1)
+        assert s.queued == 0 and s.pool.inflight == 1
+        lease.__exit__(None, None, None)
+
+    run(body)
+
+
+def test_interactive_requests_queue_behind_each_other_not_behind_the_reserve() -> None:
+    async def body() -> None:
+        s = scheduler(target=2, interactive_reserve=1)
+        held = [await s.admit(key("i", "interactive"), None, 1) for _ in range(2)]
+        waiting = asyncio.ensure_future(s.admit(key("j", "interactive"), None, 1))
+        await wait_for(s, 1)
+        held[0].__exit__(None, None, None)
+        lease = await asyncio.wait_for(waiting, 1)
+        for one in (lease, held[1]):
+            one.__exit__(None, None, None)
+        assert s.pool.inflight == 0 and s.queued == 0
+
+    run(body)
