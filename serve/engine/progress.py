@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 1.0
 # Without a phase change, a plain (non-terminal) stream gets at most one "still ..." line per this many seconds.
 STILL_EVERY_SECONDS = 15.0
+# vLLM's CPU backend compiles inside its warm-up and logs nothing of it: a warm-up from the compile cache took ~20 s
+# here, a first one with the compile ~80 s. One that lasts longer than this is shown as the first start's compile.
+FIRST_COMPILE_AFTER = 40.0
 # A line longer than this (vLLM's config dump) is only ever an unknown line: its start is not kept.
 MAX_LINE_CHARS = 64 * 1024
 
@@ -120,7 +123,7 @@ class StartProgress:
         self.log_path = log_path
         self.screen = screen
         self.clock = clock
-        self.started = self.said = clock()
+        self.started = self.said = self.entered = clock()
         self.phase: Phase | None = None
         # Made before the engine starts: earlier runs' lines (the log is appended to) are not this start's.
         self.offset = log_path.stat().st_size if log_path is not None and log_path.exists() else 0
@@ -153,6 +156,7 @@ class StartProgress:
     def enter(self, phase: Phase) -> None:
         self.phase = phase
         self.say(phase)
+        self.entered = self.said
 
     def poll(self) -> None:
         if self.phase is None:
@@ -162,6 +166,8 @@ class StartProgress:
             if phase is not None and self.phase is not None and ORDER[phase] > ORDER[self.phase]:
                 self.enter(phase)
         now = self.clock()
+        if self.phase is Phase.WARMING and now - self.entered >= FIRST_COMPILE_AFTER:
+            self.enter(Phase.FIRST_COMPILE)
         if self.screen.live:
             self.screen.show(self.label, f"{self.label}: {self.phase}, {now - self.started:.0f} s")
         elif self.phase is not Phase.READY and now - self.said >= STILL_EVERY_SECONDS:

@@ -382,3 +382,23 @@ async def test_several_engines_are_named_and_one_failing_stops_showing_the_other
         assert f"{engine.child.name}: starting, 0 s" in said
     assert not [line for line in said if line.startswith("engine:")], "several engines: each line names its engine"
     assert not [line for line in said if ": ready" in line]
+
+
+def test_on_cpu_a_long_warm_up_is_shown_as_the_first_start_compile_and_a_short_one_is_not(tmp_path: Path) -> None:
+    # vLLM's CPU backend compiles inside "Warming up model for the compilation..." without a line of its own.
+    warm_up = vllm("Warming up model for the compilation...") + "\n"
+    for seconds, first_start in ((20, False), (80, True)):
+        log = tmp_path / f"engine-{seconds}.log"
+        progress, out, clock = tailer(log)
+        append(log, warm_up)
+        progress.poll()
+        for _ in range(seconds):
+            clock.now += 1
+            progress.poll()
+        append(log, vllm("Explicitly set (2.0/23.59) GiB for KV cache on node 0.") + "\n")
+        progress.poll()
+        phases = [text.removeprefix("engine: ").rsplit(", ", 1)[0] for text in said(out) if "still" not in text]
+        expected = ["starting", "warming up", "allocating KV cache"]
+        if first_start:
+            expected.insert(2, "compiling (first start: cached for the next one)")
+        assert phases == expected, seconds
