@@ -18,6 +18,8 @@ from serve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
 
+LOAD_GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc")
+
 
 @dataclass(eq=False)
 class Endpoint:
@@ -30,8 +32,11 @@ class Endpoint:
     failures: int = 0
     failing_keys: set[str] = field(default_factory=set)
     connect_failures: int = 0
-    # Requests the engine itself has waiting (vllm:num_requests_waiting at the last health check).
+    # The engine's own load at the last health check (when the pool watches it): requests it runs and has waiting
+    # (vllm:num_requests_running / _waiting) and the share of its KV cache in use (vllm:kv_cache_usage_perc).
     waiting: int = 0
+    running: int = 0
+    kv_usage: float = 0.0
 
     def reset(self) -> None:
         self.failures = self.connect_failures = 0
@@ -91,7 +96,7 @@ class EndpointPool:
     discovery: DnsDiscovery | None = None
     # Called when a place may have freed (a lease ended, a health check ran): the model's scheduler, if any.
     on_change: Callable[[], None] | None = None
-    # Read each engine's vllm:num_requests_waiting at every health check (the scheduler's saturation signal).
+    # Read each engine's load (Endpoint.running, waiting, kv_usage) at every health check: the scheduler's signal.
     watch_queue: bool = False
 
     @classmethod
@@ -192,7 +197,7 @@ class HealthChecker:
             resp = await self.client.get(f"{endpoint.url}{pool.routing.health_path}", timeout=min(self.interval, 5.0))
             healthy = resp.status_code == 200
             if healthy and pool.watch_queue:
-                endpoint.waiting = await self.engine_waiting(endpoint)
+                await self.read_load(endpoint)
         except httpx.HTTPError:
             healthy = False
         except Exception as exc:  # an invalid URL from a DNS answer, say: the endpoint is down, checking goes on
@@ -201,20 +206,23 @@ class HealthChecker:
             healthy = False
         self.mark(pool, endpoint, healthy)
 
-    async def engine_waiting(self, endpoint: Endpoint) -> int:
-        """The engine's own queue (vllm:num_requests_waiting, summed over its series); 0 when it cannot be read."""
+    async def read_load(self, endpoint: Endpoint) -> None:
+        """The engine's running and waiting requests and KV cache use, from its metrics (summed over its series);
+        zero when they cannot be read."""
+        load = dict.fromkeys(LOAD_GAUGES, 0.0)
         try:
             resp = await self.client.get(f"{endpoint.url}/metrics", timeout=min(self.interval, 5.0))
         except httpx.HTTPError:
-            return 0
-        if resp.status_code != 200:
-            return 0
-        total = 0.0
-        for line in resp.text.splitlines():
-            if line.startswith("vllm:num_requests_waiting"):
-                with contextlib.suppress(ValueError, IndexError):
-                    total += float(line.rsplit(" ", 1)[1])
-        return int(total)
+            resp = None
+        if resp is not None and resp.status_code == 200:
+            for line in resp.text.splitlines():
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in load:
+                    with contextlib.suppress(ValueError, IndexError):
+                        load[name] += float(line.rsplit(" ", 1)[1])
+        endpoint.running = int(load["vllm:num_requests_running"])
+        endpoint.waiting = int(load["vllm:num_requests_waiting"])
+        endpoint.kv_usage = load["vllm:kv_cache_usage_perc"]
 
     async def resolve(self, pool: EndpointPool) -> None:
         d = pool.discovery

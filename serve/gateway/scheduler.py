@@ -1,11 +1,12 @@
 """The gateway's queue per model: who gets an engine when the engines are full, and how long the rest may wait.
 
-Saturation comes from real signals: a target of requests in flight per engine (the engine's max_num_seqs unless
-the model file says otherwise), and the engine's own `vllm:num_requests_waiting`, read at every health check; an
-engine that queues gets no more until it does not. Under the target a request takes its lease at once (no
-queue, no await). Over it, the request waits here: priority classes in strict order (a batch request waiting
-longer than `max_starvation` is served as standard), and within a class the key with the fewest tokens served,
-weighted (a virtual token counter, as in Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024).
+Saturation comes from real signals: a target of requests in flight per engine (the engine's max_num_seqs unless the
+model file says otherwise), and the engine's own load, read at every health check: an engine that queues because it is
+full (requests waiting with its batch full or its KV cache nearly so, as when other gateways send to it too) gets no
+more until it does not. A request that waits for the next engine step is not such a queue. Under the target a request
+takes its lease at once (no queue, no await). Over it, the request waits here: priority classes in strict order (a batch
+request waiting longer than `max_starvation` is served as standard), and within a class the key with the fewest tokens
+served, weighted (a virtual token counter, as in Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024).
 A key that comes back from idle starts at the lowest counter of the active keys, so idleness is no credit.
 """
 
@@ -25,6 +26,8 @@ from serve.gateway.pool import Endpoint, EndpointPool, Lease
 CLASSES = ("interactive", "standard", "batch")
 # vLLM's default max_num_seqs: the target when the model file sets neither it nor max_running_per_engine.
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
+# Above this share of its KV cache in use, an engine with requests waiting is taken to be full.
+KV_FULL = 0.9
 
 
 @dataclass(eq=False, slots=True)
@@ -51,6 +54,8 @@ class Scheduler:
         self.pool = pool
         self.settings = settings
         self.target = settings.max_running_per_engine or max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
+        # The engine's batch: running this many, it queues whatever else comes.
+        self.engine_batch = max_num_seqs or VLLM_DEFAULT_MAX_NUM_SEQS
         # At least one place stays open to the other classes.
         self.reserve = min(settings.interactive_reserve, self.target - 1)
         self.shares: dict[str, KeyShare] = {}
@@ -67,7 +72,7 @@ class Scheduler:
 
         Interactive requests may fill an engine to the target; the others leave `interactive_reserve` places free."""
         target = self.target if klass == "interactive" else self.target - self.reserve
-        open_ = [ep for ep in self.pool.endpoints if ep.healthy and ep.outstanding < target and not ep.waiting]
+        open_ = [ep for ep in self.pool.endpoints if ep.healthy and ep.outstanding < target and not self.full(ep)]
         if not open_:
             return None
         if affinity is not None:
@@ -75,6 +80,13 @@ class Scheduler:
             if preferred is not None and preferred in open_:
                 return preferred
         return min(open_, key=lambda ep: ep.outstanding)
+
+    def full(self, ep: Endpoint) -> bool:
+        """Whether the engine queued requests because it had no room (at its last health check).
+
+        Requests that arrived between two engine steps wait for the next one: at a few requests a second they are
+        nearly always there, and holding work back for them would halve what the engine serves."""
+        return ep.waiting > 0 and (ep.running >= self.engine_batch or ep.kv_usage >= KV_FULL)
 
     async def admit(self, key: KeyRecord, affinity: str | None, cost: float) -> Lease:
         """A lease on an engine: at once when one has room and nobody waits, else after waiting our turn.

@@ -210,14 +210,32 @@ def test_drain_answers_every_queued_request_at_once() -> None:
     run(body)
 
 
-def test_an_engine_that_queues_gets_no_more() -> None:
+def test_an_engine_that_queues_because_it_is_full_gets_no_more() -> None:
     async def body() -> None:
         s = scheduler(target=10, max_queue_wait=0.05)
-        s.pool.endpoints[0].waiting = 3  # the engine's own queue, from its metrics
+        engine = s.pool.endpoints[0]
+        # The engine's own load, from its metrics: its batch full (others send to it too) and requests waiting.
+        engine.running, engine.waiting = s.engine_batch, 3
         with pytest.raises(RateLimited, match="waited"):
             await s.admit(key("a"), None, 1)
-        s.pool.endpoints[0].waiting = 0
+        # Or its KV cache nearly full, with requests waiting.
+        engine.running, engine.kv_usage = 5, 0.97
+        with pytest.raises(RateLimited, match="waited"):
+            await s.admit(key("a"), None, 1)
+        engine.waiting = 0
         lease: Lease = await s.admit(key("a"), None, 1)
+        lease.__exit__(None, None, None)
+
+    run(body)
+
+
+def test_requests_waiting_for_the_next_engine_step_do_not_stop_admission() -> None:
+    async def body() -> None:
+        s = scheduler(target=10, max_queue_wait=0.05)
+        engine = s.pool.endpoints[0]
+        # Two requests arrived between steps: the engine has room in its batch and its KV cache.
+        engine.running, engine.waiting, engine.kv_usage = 6, 2, 0.3
+        lease: Lease = await asyncio.wait_for(s.admit(key("a"), None, 1), 1)
         lease.__exit__(None, None, None)
 
     run(body)
