@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import re
 import shutil
 import subprocess
@@ -26,16 +25,13 @@ from typing import Any
 
 from loadtests.gateway_bench_client import Session, check_exchange, request_bytes
 from loadtests.gateway_bench_procs import (
-    ENGINE_KEY,
     ROOT,
     Processes,
     Target,
     default_tokenizer,
     free_port,
-    gateway_config,
+    gateway_target,
     stop_all,
-    tree_key,
-    tree_label,
     wait_ready,
 )
 
@@ -130,25 +126,9 @@ def run_instructions(
             upstream.proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
         wait_ready(upstream, "/health")
         for src in sources:
-            gport = free_port()
-            keys = folder / f"keys-{gport}.yaml"
-            config = gateway_config(folder, src, gport, upstream.url, keys, tokenizer)
-            gw = Target(tree_label(src, taken), f"http://127.0.0.1:{gport}", folder / f"gw-{gport}.log", src=src)
-            gw.key = tree_key(src, keys)
+            gw, cmd, env = gateway_target(folder, src, upstream.url, tokenizer, taken)
             out_prefix = folder / f"callgrind-{gw.name}.out"
-            env = {**os.environ, "PYTHONPATH": str(src), "LLMSERVE_ENGINE_KEY": ENGINE_KEY}
-            cmd = [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={out_prefix}",
-                sys.executable,
-                "-m",
-                "serve.cli",
-                "gateway",
-                "--config",
-                str(config),
-            ]
+            cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out_prefix}", *cmd]
             print(f"bench gateway: starting {gw.name} under callgrind (slow) ...", flush=True)
             with gw.log.open("wb") as err:
                 gw.proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.DEVNULL, stderr=err)

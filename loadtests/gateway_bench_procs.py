@@ -138,6 +138,21 @@ def tree_key(src: Path, keys: Path) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+def gateway_target(
+    folder: Path, src: Path, upstream_url: str, tokenizer: Path, taken: set[str]
+) -> tuple[Target, list[str], dict[str, str]]:
+    """A gateway of the source tree `src` in front of the upstream: its target (with a key of its own), the command
+    that runs it and its environment."""
+    port = free_port()
+    keys = folder / f"keys-{port}.yaml"
+    config = gateway_config(folder, src, port, upstream_url, keys, tokenizer)
+    gw = Target(tree_label(src, taken), f"http://127.0.0.1:{port}", folder / f"gw-{port}.log", src=src)
+    gw.key = tree_key(src, keys)
+    # The tree's own directory first on sys.path: `python -m` from it runs its serve/, not the installed one.
+    env = {**os.environ, "PYTHONPATH": str(src), "LLMSERVE_ENGINE_KEY": ENGINE_KEY}
+    return gw, [sys.executable, "-m", "serve.cli", "gateway", "--config", str(config)], env
+
+
 @contextmanager
 def started(args: argparse.Namespace, folder: Path, model: str, sources: list[Path]) -> Iterator[Processes]:
     tokenizer = (args.tokenizer or default_tokenizer()).resolve()
@@ -151,14 +166,7 @@ def started(args: argparse.Namespace, folder: Path, model: str, sources: list[Pa
         up.proc = pinned(args.load_cpu, argv, ROOT, dict(os.environ), up.log)
         taken: set[str] = set()
         for src in sources:
-            port = free_port()
-            keys = folder / f"keys-{port}.yaml"
-            config = gateway_config(folder, src, port, up.url, keys, tokenizer)
-            gw = Target(tree_label(src, taken), f"http://127.0.0.1:{port}", folder / f"gw-{port}.log", src=src)
-            gw.key = tree_key(src, keys)
-            # The tree's own directory first on sys.path: `python -m` from it runs its serve/, not the installed one.
-            env = {**os.environ, "PYTHONPATH": str(src), "LLMSERVE_ENGINE_KEY": ENGINE_KEY}
-            cmd = [sys.executable, "-m", "serve.cli", "gateway", "--config", str(config)]
+            gw, cmd, env = gateway_target(folder, src, up.url, tokenizer, taken)
             gw.proc = pinned(args.gateway_cpu, cmd, src, env, gw.log)
             procs.gateways.append(gw)
         wait_ready(up, "/health")
