@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from uvicorn.protocols.http.flow_control import FlowControl
 
-from serve.gateway.http_protocol import LeanCycle
+from serve.gateway.http_writer import LeanCycle
 
 
 class Transport:
