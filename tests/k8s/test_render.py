@@ -111,7 +111,11 @@ def test_a_model_file_that_extends_another_is_mounted_merged(repo: Path) -> None
     mounted = yaml.safe_load(config_map["data"][key])
     assert "extends" not in mounted
     assert ModelFile.model_validate(mounted) == expected
-    assert expected.engine.max_num_seqs == 4 and expected.engine.dtype == "float32"
+    # Its own field, and one it inherits from the file it extends.
+    base = load_model_file(repo / "configs/models/smollm2-135m-cpu.yaml")
+    assert expected.engine.max_num_seqs == 4 != base.engine.max_num_seqs
+    assert "dtype" not in (repo / "configs/models/small.yaml").read_text()
+    assert expected.engine.dtype == base.engine.dtype
     (models,) = [o for o in of_kind(objs, "ConfigMap") if o["metadata"]["name"].startswith("llmserve-models-")]
     gateway_copy = yaml.safe_load(models["data"]["smollm2-small.yaml"])
     assert ModelFile.model_validate(gateway_copy).model_copy(update={"discovery": None}) == expected
