@@ -17,6 +17,7 @@ import pytest
 
 from loadtests.quality import questions
 from serve.cli import parser
+from serve.config.model_file import load_model_file
 from serve.engine.process import free_port
 from tests.integration.loadtest_servers import ScriptedEngine
 from tests.servers import run_server
@@ -88,7 +89,9 @@ def test_run_writes_counts_flags_and_quality_into_the_report(tmp_path: Path, ora
     (result,) = summary["results"]
     assert result["valid"] and result["low_samples"] and result["samples"]["measured"] >= 4
     assert summary["quality"]["target"]["correct"] == TOTAL
-    assert summary["config"]["num_requests"] == 4 and summary["sampling"] == {"temperature": 0.7}
+    # Without --model-file, sampling comes from the default model file's policy.
+    default = load_model_file(ROOT / "configs/models/smollm2-135m-cpu.yaml").policy.defaults
+    assert summary["config"]["num_requests"] == 4 and summary["sampling"] == {"temperature": default["temperature"]}
 
 
 def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str, tmp_path: Path) -> None:

@@ -41,9 +41,10 @@ def test_ray_file_has_the_engine_settings_of_the_local_file() -> None:
 
 
 def test_engine_kwargs_are_the_engine_flags_parsed_by_vllm() -> None:
-    kwargs = engine_kwargs(load_model_file(RAY_FILE), WEIGHTS)
+    ray = load_model_file(RAY_FILE)
+    kwargs = engine_kwargs(ray, WEIGHTS)
     assert kwargs == {
-        "dtype": "float32",
+        "dtype": ray.engine.dtype,
         "max_model_len": 2048,
         "kv_cache_memory_bytes": 2 * 1024**3,
         "max_num_seqs": 128,
@@ -90,7 +91,7 @@ def test_ray_accepts_the_config() -> None:
     args = LLMServingArgs.model_validate(serving_args(load_model_file(RAY_FILE), WEIGHTS))
     (config,) = args.llm_configs
     assert config.accelerator_config is not None and config.accelerator_config.kind == "cpu"
-    assert config.engine_kwargs["dtype"] == "float32"
+    assert config.engine_kwargs["dtype"] == load_model_file(RAY_FILE).engine.dtype
     assert config.deployment_config["autoscaling_config"]["max_replicas"] == 1
 
 
