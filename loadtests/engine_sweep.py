@@ -40,6 +40,7 @@ from loadtests.engine_sweep_procs import (
     wait_healthy,
 )
 from loadtests.engine_sweep_report import markdown, variant_row
+from loadtests.help import HelpFormatter
 from serve.config.loader import ConfigError, read_mapping
 from serve.config.model_file import ModelFile, load_model_file
 
@@ -50,10 +51,6 @@ EXIT_INVALID = 2
 EXIT_INTERRUPTED = 130
 
 EngineCheck = Callable[[ModelFile], None]
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module's text as written, and every option's default."""
 
 
 @dataclass(frozen=True)

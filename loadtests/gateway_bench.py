@@ -33,6 +33,7 @@ from loadtests.gateway_bench_instructions import missing_tools as instructions_t
 from loadtests.gateway_bench_load import Usage, lua_script, profile_wrk, py_spy, run_wrk, top_frames
 from loadtests.gateway_bench_procs import MODEL_FILE, ROOT, Processes, Target, started, tree_commit
 from loadtests.gateway_bench_report import problems, ratios, table
+from loadtests.help import HelpFormatter
 from loadtests.instant_upstream import DEFAULT_EVENTS
 
 KINDS = ("plain", "stream")
@@ -40,10 +41,6 @@ PROMPT = "What is the capital of France?"
 PROFILE_TOP = 25
 EXIT_UNUSABLE = 2
 EXIT_SUSPECT = 3
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module's text as written, and every option's default."""
 
 
 def add_parser(actions: Any) -> None:
