@@ -46,6 +46,17 @@ class Opt:
     ui: bool = True  # shown in Locust's web UI (when `locust`)
     metavar: str | None = None
     tenant: bool = False  # a tenant of a tenants file may set it for its own requests, load or criteria
+    parse: Callable[[str], Any] | None = None  # the value's parser when its type alone does not say enough
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction from 0 up to (not including) 1, not {text!r}")
+    return value
 
 
 def opt(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -83,6 +94,16 @@ class LoadConfig:
         locust=True,
         label="output length",
         tenant=True,
+    )
+    output_spread: float | None = opt(
+        None,
+        "spread a fixed --output-len uniformly over +-this fraction, the mean kept (0.5: 32-96 for 64); equal "
+        "lengths keep closed-loop users in lockstep and make tokens/s depend on where the window falls",
+        "requests",
+        locust=True,
+        label="output spread",
+        tenant=True,
+        parse=fraction,
     )
     max_output_len: int | None = opt(
         None, "clip the scenario's output lengths", "requests", locust=True, label="output length at most", tenant=True
@@ -146,7 +167,7 @@ class LoadConfig:
 
     @property
     def lengths(self) -> Lengths:
-        return Lengths(self.input_len, self.output_len, self.max_output_len)
+        return Lengths(self.input_len, self.output_len, self.max_output_len, output_spread=self.output_spread or 0.0)
 
     @property
     def open_loop(self) -> bool:
@@ -234,8 +255,11 @@ def number_list(kind: type[int] | type[float]) -> Callable[[str], tuple[float, .
 def parser_of(cls: type[Any], name: str) -> Callable[[str], Any]:
     """From the text of a flag or an environment variable to the field's value (empty text: None where allowed)."""
     base, nullable = _base(_hints(cls)[name])
+    own = next((o.parse for f, o in options(cls) if f.name == name), None)
     inner: Callable[[str], Any]
-    if typing.get_origin(base) is tuple:
+    if own is not None:
+        inner = own
+    elif typing.get_origin(base) is tuple:
         inner = number_list(typing.get_args(base)[0])
     elif base is bool:
         inner = parse_bool

@@ -51,7 +51,7 @@ class Plan:
         self.environment = environment
         self.config = c = from_args(LoadConfig, o, locust=True)
         self.run = run = from_args(LocustRun, o, locust=True)
-        lengths = Lengths(c.input_len, c.output_len, c.max_output_len, run.max_model_len)
+        lengths = Lengths(c.input_len, c.output_len, c.max_output_len, run.max_model_len, c.output_spread or 0.0)
         model = run.model or default_model_name()
         # Made as they are taken, then reused: the same index is the same request on every target.
         self.pending = stream(

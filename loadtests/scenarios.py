@@ -127,6 +127,8 @@ class Lengths:
     output_len: int | None = None
     max_output_len: int | None = None
     max_model_len: int | None = None
+    # A fixed output length spread uniformly over [len * (1 - spread), len * (1 + spread)], the mean kept.
+    output_spread: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,12 +173,29 @@ def build_body(
     return body
 
 
-def fit_lengths(spec: Scenario, input_len: int, output_len: int, lengths: Lengths) -> tuple[int, int]:
-    """Apply the overrides, then shrink the prompt so prompt + template + output fit the context window."""
+def spread_length(length: int, spread: float, draw: random.Random) -> int:
+    """A length drawn uniformly from [length * (1 - spread), length * (1 + spread)] (integers, mean `length`).
+
+    Closed-loop users with one fixed output length finish in the same engine step, send again together and stay in
+    lockstep: the engine swings between prefilling a whole cohort and decoding it, and tokens/s over a window of a few
+    request lifetimes depends on where the window falls. A spread of lengths breaks the cohorts up."""
+    width = round(length * spread)
+    return max(1, length + draw.randint(-width, width)) if width else length
+
+
+def fit_lengths(
+    spec: Scenario, input_len: int, output_len: int, lengths: Lengths, draw: random.Random | None = None
+) -> tuple[int, int]:
+    """Apply the overrides, then shrink the prompt so prompt + template + output fit the context window.
+
+    `draw` spreads a fixed output length (`lengths.output_spread`); it is a random source of its own, so a spread
+    leaves the prompts of a seed as they are."""
     if lengths.input_len is not None:
         input_len = lengths.input_len
     if lengths.output_len is not None:
         output_len = lengths.output_len
+        if draw is not None and lengths.output_spread:
+            output_len = spread_length(output_len, lengths.output_spread, draw)
     if lengths.max_output_len is not None:
         output_len = min(output_len, lengths.max_output_len)
     if lengths.max_model_len is not None:
@@ -220,6 +239,7 @@ def stream(
     lengths = lengths or Lengths()
     sampling = sampling or {}
     rng = random.Random(f"{seed}:{name}")
+    draw = random.Random(f"{seed}:{name}:output-spread")
     if name in MIXES:
         names = [part for part, _ in MIXES[name].parts]
         weights = [weight for _, weight in MIXES[name].parts]
@@ -230,6 +250,8 @@ def stream(
         raise ValueError(f"unknown scenario {name!r}; choose one of {', '.join(scenario_names())}")
     for index, pick in enumerate(picks):
         spec = SCENARIOS[pick]
-        input_len, output_len = fit_lengths(spec, spec.input_len.sample(rng), spec.output_len.sample(rng), lengths)
+        input_len, output_len = fit_lengths(
+            spec, spec.input_len.sample(rng), spec.output_len.sample(rng), lengths, draw
+        )
         body = build_body(spec, model, index, input_len, output_len, rng, ignore_eos=ignore_eos, sampling=sampling)
         yield RequestSpec(index, pick, spec.path, spec.stream, input_len, output_len, body)

@@ -15,11 +15,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from loadtests.config import LoadConfig, options, report_lines
+from loadtests.config import LoadConfig, fraction, options, report_lines
 from loadtests.runner import Level
 from serve.config.loader import ConfigError, Strict, read_mapping, resolve_path
 
@@ -41,6 +41,8 @@ def tenant_options() -> type[BaseModel]:
         hint = hints[f.name]
         if o.choices:
             hint = Literal[o.choices]
+        if o.parse is fraction:
+            hint = Annotated[float, Field(ge=0, lt=1)] | None
         fields[f.name] = (hint, Field(default=None, description=o.help))
     model: type[BaseModel] = create_model("TenantOptions", __base__=Strict, **fields)
     return model

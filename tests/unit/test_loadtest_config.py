@@ -12,6 +12,7 @@ import pytest
 from loadtests import config
 from loadtests.config import LoadConfig, LocustRun, QualityConfig, from_args, locust_argv, locust_env
 from loadtests.runner import Level, Setup, Target, locust_command, locust_run
+from loadtests.scenarios import Lengths
 from serve.cli import parser
 
 RECORDS = Path("/nonexistent/records.jsonl")
@@ -68,10 +69,17 @@ def test_flags_parse_into_the_config() -> None:
     assert from_args(QualityConfig, args).quality is False
     with pytest.raises(SystemExit):
         parser().parse_args(["bench", "run", "--scenario", "nope"])
+    spread = from_args(LoadConfig, parser().parse_args(["bench", "run", "--output-len", "64", "--output-spread", ".5"]))
+    assert spread.lengths == Lengths(output_len=64, output_spread=0.5)
+    for wrong in ("1", "-0.1", "half"):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["bench", "run", "--output-spread", wrong])
 
 
 def test_the_locust_process_gets_back_the_same_config() -> None:
-    chosen = LoadConfig(scenario="long-prompt", seed=3, output_len=32, ignore_eos=False, warmup=2.5, num_requests=40)
+    chosen = LoadConfig(
+        scenario="long-prompt", seed=3, output_len=32, output_spread=0.25, ignore_eos=False, warmup=2.5, num_requests=40
+    )
     run = LocustRun(model="m", api_key="s3cret", sampling='{"temperature": 0}', max_model_len=2048, rate=2.0)
     argv = locust_argv(chosen, run)
     assert "s3cret" not in argv  # the key travels in the environment

@@ -75,6 +75,20 @@ def test_overrides_and_the_context_window() -> None:
     assert statistics.median(s.input_len for s in long) > 1500
 
 
+def test_a_spread_output_length_keeps_its_mean_and_the_prompts() -> None:
+    exact = generate("chat", "m", 2000, seed=4, lengths=Lengths(output_len=64))
+    spread = generate("chat", "m", 2000, seed=4, lengths=Lengths(output_len=64, output_spread=0.5))
+    lengths = [s.max_tokens for s in spread]
+    assert min(lengths) == 32 and max(lengths) == 96
+    assert statistics.mean(lengths) == pytest.approx(64, abs=1.5)
+    assert len(set(lengths)) > 50
+    # The spread draws from a source of its own: the same seed still sends the same prompts to every target.
+    assert [s.body["messages"] for s in spread] == [s.body["messages"] for s in exact]
+    assert [s.body["max_tokens"] for s in spread] == lengths
+    again = generate("chat", "m", 2000, seed=4, lengths=Lengths(output_len=64, output_spread=0.5))
+    assert [s.max_tokens for s in again] == lengths
+
+
 def test_unknown_scenario_names_the_choices() -> None:
     with pytest.raises(ValueError, match="long-prompt"):
         generate("nope", "m", 1)

@@ -79,6 +79,7 @@ def test_a_plain_key_in_the_file_is_refused_with_what_to_do_instead(tmp_path: Pa
         ("{name: a, users: 2, arrival: constant}", "tenants[0] (a)", "for an open-loop tenant"),
         ("{name: a, users: 2, warmup: 5}", "tenants[0] (a).warmup", "Extra inputs"),
         ("{name: a, users: 2, output_len: many}", "tenants[0] (a).output_len", "valid integer"),
+        ("{name: a, users: 2, output_len: 9, output_spread: 1}", "tenants[0] (a).output_spread", "less than 1"),
         ("{name: a, users: 2, ignore_eos: null}", "tenants[0] (a).ignore_eos", "valid boolean"),
         ("{name: a/b, users: 2}", "tenants[0] (a/b).name", "pattern"),
         ("{name: a, users: 2, key_env: A, key_file: k}", "tenants[0] (a)", "at most one of key_file and key_env"),
