@@ -112,6 +112,30 @@ def ratios(results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]) -> 
     return out
 
 
+def ratio_errors(
+    results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, float | None]]:
+    """The standard error of each ratio of `ratios`, from both targets' errors over their windows' quarters."""
+    by_key = {(r.target, r.level.label): r for r in results}
+    out: dict[str, dict[str, float | None]] = {}
+    for name, row in ratios(results, pairs).items():
+        top, bottom = name.split("/", 1)
+        errors: dict[str, float | None] = {}
+        for label, ratio in row.items():
+            a, b = by_key[(top, label)].summary, by_key[(bottom, label)].summary
+            ra, rb = a.steadiness.relative, b.steadiness.relative
+            errors[label] = None if ratio is None or ra is None or rb is None else ratio * math.hypot(ra, rb)
+        out[name] = errors
+    return out
+
+
+def with_error(value: float | None, error: float | None, digits: int = 1) -> str:
+    """A figure and its standard error, as `12.3 +- 1.2`."""
+    if error is None or value is None:
+        return fmt(value, digits=digits)
+    return f"{fmt(value, digits=digits)} ± {fmt(error, digits=digits)}"
+
+
 def write_csv(path: Path, results: Sequence[LevelResult]) -> None:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -156,16 +180,24 @@ def level_line(r: LevelResult) -> str:
     s = r.summary
     state = "ok" if r.valid else "REFUSED: " + "; ".join(r.problems)
     line = (
-        f"bench: {r.target} at {r.level.label}: {fmt(s.output_tok_s)} output tok/s, "
+        f"bench: {r.target} at {r.level.label}: {with_error(s.output_tok_s, s.steadiness.error)} output tok/s, "
         f"TTFT p50 {fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {fmt(s.e2e_s.p50, digits=2)} s "
         f"(n={s.samples.measured}), {s.requests.ok} ok / {s.requests.failed} failed ({state})"
     )
     if not s.samples.enough:
         line += f"\nbench: WARNING {r.target} at {r.level.label}: {s.samples.advice()}"
+    if not s.steadiness.steady:
+        line += f"\nbench: WARNING {r.target} at {r.level.label}: {s.steadiness.advice()}"
     return line
 
 
-def markdown(meta: Meta, results: Sequence[LevelResult], ratio_table: dict[str, Any], quality: Quality) -> str:
+def markdown(
+    meta: Meta,
+    results: Sequence[LevelResult],
+    ratio_table: dict[str, Any],
+    quality: Quality,
+    error_table: dict[str, dict[str, float | None]] | None = None,
+) -> str:
     open_loop = any(r.level.rate is not None for r in results)
     level_name = "rate (req/s)" if open_loop else "users"
     c = meta.config
@@ -198,8 +230,11 @@ def markdown(meta: Meta, results: Sequence[LevelResult], ratio_table: dict[str, 
         labels = sorted({label for row in ratio_table.values() for label in row}, key=_level_key)
         lines += ["", "Output tok/s ratios:", "", "| ratio | " + " | ".join(labels) + " |"]
         lines.append("|---|" + "---|" * len(labels))
+        errors = error_table or {}
         for name, row in ratio_table.items():
-            lines.append(f"| {name} | " + " | ".join(fmt(row.get(label), digits=2) for label in labels) + " |")
+            cells = (with_error(row.get(label), errors.get(name, {}).get(label), digits=2) for label in labels)
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "(± one standard error, from each target's output tok/s over the quarters of its window)"]
     notes = (
         notes_of(results)
         + notes
@@ -230,7 +265,7 @@ def sweep_table(results: Sequence[LevelResult], level_name: str, scores: dict[st
         if not s.samples.enough:
             label += " *few samples*"
         lines.append(
-            f"| {r.target} | {label} | {fmt(s.output_tok_s)} | {fmt(s.total_tok_s)} "
+            f"| {r.target} | {label} | {with_error(s.output_tok_s, s.steadiness.error)} | {fmt(s.total_tok_s)} "
             f"| {fmt(s.requests_s, digits=2)} "
             f"| {percentiles(s.ttft_s, 1000)} | {percentiles(s.tpot_s, 1000, 1)} | {percentiles(s.itl_s, 1000, 1)} "
             f"| {percentiles(s.e2e_s, digits=2)} "
@@ -247,6 +282,8 @@ def notes_of(results: Sequence[LevelResult]) -> list[str]:
         notes += [f"{where} {p}" for p in (*r.problems, *r.failures) if p]
         if not s.samples.enough:
             notes.append(f"{where} {s.samples.advice()}")
+        if not s.steadiness.steady:
+            notes.append(f"{where} {s.steadiness.advice()}")
         if s.requests.cancelled_at_stop:
             notes.append(
                 f"{where} {s.requests.cancelled_at_stop} requests sent inside the window were still running at the "
@@ -285,11 +322,13 @@ def write(
 
     folder.mkdir(parents=True, exist_ok=True)
     ratio_table = ratios(results, pairs)
+    error_table = ratio_errors(results, pairs)
     summary = {
         **meta.to_json(),
         "results": [result_json(r) for r in results],
         "quality": {q.target: q.to_json() for q in quality},
         "ratios": ratio_table,
+        "ratio_errors": error_table,
         "refused": sum(1 for r in results if not r.valid),
         "low_samples": sum(1 for r in results if not r.summary.samples.enough),
         "failed_criteria": sum(len(r.failures) for r in results)
@@ -309,7 +348,7 @@ def write(
         plot_tenants(folder, valid, f"tenants {names}, model {meta.model}")
     else:
         plot_all(folder, valid, f"scenario {meta.config.scenario}, model {meta.model}")
-    (folder / "report.md").write_text(markdown(meta, results, ratio_table, quality))
+    (folder / "report.md").write_text(markdown(meta, results, ratio_table, quality, error_table))
     return folder
 
 

@@ -13,6 +13,10 @@ from loadtests.accounting import RequestRecord, tokens_in_window
 PERCENTILES = (50, 90, 99)
 # Below this many measured requests a level's percentiles are flagged as unreliable.
 MIN_SAMPLES = 20
+# Throughput is also counted in each quarter of the window; above this relative standard error (over the quarters)
+# a level's tokens/s is flagged as depending on where its window fell.
+QUARTERS = 4
+UNSTEADY = 0.10
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -143,6 +147,63 @@ class Samples:
 
 
 @dataclass(frozen=True)
+class Steadiness:
+    """Output tokens/s in each quarter of the window, and how far the window's figure can be trusted from them.
+
+    Closed-loop users whose requests finish together send again together: the engine then swings between
+    prefilling a cohort and decoding it, and a window of a few request lifetimes catches more or less of either.
+    The standard error over the quarters shows it, and a ratio of two targets carries both errors."""
+
+    quarters: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return sum(self.quarters) / len(self.quarters) if self.quarters else math.nan
+
+    @property
+    def error(self) -> float | None:
+        """Standard error of the mean tokens/s, from the spread of the quarters (None without them)."""
+        n = len(self.quarters)
+        if n < 2:
+            return None
+        mean = self.mean
+        variance = sum((q - mean) ** 2 for q in self.quarters) / (n - 1)
+        return math.sqrt(variance / n)
+
+    @property
+    def relative(self) -> float | None:
+        error, mean = self.error, self.mean
+        return error / mean if error is not None and mean > 0 else None
+
+    @property
+    def steady(self) -> bool:
+        return self.relative is None or self.relative <= UNSTEADY
+
+    def advice(self) -> str:
+        """What to do about a throughput that moved across the window (empty when it did not)."""
+        if self.steady:
+            return ""
+        shown = ", ".join(f"{q:.0f}" for q in self.quarters)
+        return (
+            f"output tok/s moved across the window's quarters ({shown}; +-{self.relative:.0%}): requests finish in "
+            "waves, and the figure depends on where the window fell; a longer --duration, or --output-spread with a "
+            "fixed --output-len, steadies it"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quarters": list(self.quarters), "error": self.error, "steady": self.steady}
+
+
+def quarters(records: Sequence[RequestRecord], window: Window, parts: int = QUARTERS) -> tuple[float, ...]:
+    """Output tokens/s inside each of `parts` equal slices of the window."""
+    if window.seconds <= 0:
+        return ()
+    width = window.seconds / parts
+    edges = [(window.t0 + i * width, window.t0 + (i + 1) * width) for i in range(parts)]
+    return tuple(sum(tokens_in_window(r, a, b)[0] for r in records) / width for a, b in edges)
+
+
+@dataclass(frozen=True)
 class Summary:
     """The numbers of one target at one level."""
 
@@ -161,10 +222,12 @@ class Summary:
     late_s: Distribution
     tokens: Tokens
     samples: Samples
+    steadiness: Steadiness
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["samples"]["enough"] = self.samples.enough
+        data["steadiness"] = self.steadiness.to_json()
         return data
 
 
@@ -244,4 +307,5 @@ def summarize(
             output_total=sum(r.completion_tokens or 0 for r in ok),
         ),
         samples=Samples(len(ok), min_samples, suggested_duration(len(ok), seconds, min_samples)),
+        steadiness=Steadiness(quarters(records, window)),
     )

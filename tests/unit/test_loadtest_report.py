@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -92,9 +93,53 @@ def test_refused_numbers_stay_out_of_the_results(folder: Path) -> None:
     assert summary["ratios"] == {"vllm/baseline": {"u1": pytest.approx(1.0)}, "gateway/vllm": {"u1": None}}
     text = (folder / "report.md").read_text()
     assert "| gateway | 1 | refused" in text
-    assert "| vllm | 1 | 10.0 |" in text
+    # 10 tokens/s in every quarter of the window: no error to speak of.
+    assert "| vllm | 1 | 10.0 ± 0.0 |" in text
     assert "- vllm at 1: other work kept 90% of the CPUs busy" in text
     assert "baseline at 1: other work" not in text
+
+
+def waves(target: str, period: float) -> LevelResult:
+    """64 users in lockstep: each cohort's 10 tokens come within the first quarter of every `period` seconds."""
+    recs = [
+        RequestRecord(
+            id=c * 64 + u,
+            scenario="chat",
+            stream=True,
+            start=c * period,
+            max_tokens=16,
+            status=200,
+            ttft=0.05,
+            e2e=0.95,
+            chunk_times=[0.05 + k * 0.1 for k in range(10)],
+            prompt_tokens=20,
+            completion_tokens=10,
+        )
+        for c in range(int(20 / period))
+        for u in range(64)
+    ]
+    window = Window(0.0, 20.0)
+    summary = summarize(recs, window, SLO(ttft=1.0))
+    loadgen = LoadGen(exit_code=0, wall_s=25.0, cpu_s=1.0, cpu_fraction=0.04)
+    return LevelResult(target, Level(users=64), summary, [], [], recs, window, loadgen)
+
+
+def test_throughput_that_moves_across_the_window_is_flagged_and_its_ratio_carries_the_error(tmp_path: Path) -> None:
+    steady, wavy = waves("vllm", 1.0), waves("gateway", 10.0)
+    # One cohort a second fills every quarter alike; one every 10 s leaves every other quarter empty.
+    assert steady.summary.steadiness.steady and steady.summary.steadiness.relative == pytest.approx(0.0)
+    assert wavy.summary.steadiness.quarters == (128.0, 0.0, 128.0, 0.0)
+    assert not wavy.summary.steadiness.steady
+    folder = report.write(tmp_path / "out", META, [steady, wavy], [("gateway", "vllm")])
+    text = (folder / "report.md").read_text()
+    assert "- gateway at 64: output tok/s moved across the window's quarters (128, 0, 128, 0;" in text
+    assert "- vllm at 64: output tok/s moved" not in text
+    # gateway/vllm = 64 / 640 = 0.1; its error is the gateway's relative error (0.577) times 0.1.
+    assert "| gateway/vllm | 0.10 ± 0.06 |" in text
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["ratio_errors"]["gateway/vllm"]["u64"] == pytest.approx(0.1 * math.sqrt(1 / 3))
+    flags = {r["target"]: r["steadiness"]["steady"] for r in summary["results"]}
+    assert flags == {"vllm": True, "gateway": False}
 
 
 def test_every_percentile_shows_its_sample_count(folder: Path) -> None:

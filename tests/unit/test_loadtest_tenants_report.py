@@ -68,7 +68,7 @@ def test_one_row_per_tenant_and_the_sum_of_all(tmp_path: Path, results: list[Lev
     # One table of tenants: the per-level sweep table (with its quality column) is not there.
     assert "| target |" not in text and "every number covers the same 20 s window" in text
     assert "- noisy (a standard key running more streams than the engine's batch holds): 192 users" in text
-    assert "key from environment variable NOISY_KEY; output_len 256, ramp 110.0" in text
+    assert "key from environment variable NOISY_KEY; output_len 256, output_spread 0.5, ramp 110.0" in text
     assert "sk-n" not in text and "sk-q" not in text
 
 
