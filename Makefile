@@ -43,7 +43,7 @@ soak: setup
 
 # Against a running `make run`: the transformers baseline, vLLM direct and the gateway, same seeded requests.
 bench: setup
-	$(VENV)/bin/llmserve bench compare --users 1,8,32,64 --output-len 64 --warmup 10 --duration 40
+	$(VENV)/bin/llmserve bench compare --users 1,8,32,64 --output-len 64 --output-spread 0.5 --warmup 10 --duration 60
 
 # The gateway's own cost per core against an instant upstream, pinned with taskset, driven by wrk (a Debian package:
 # installed here when missing and running as root). Options: make bench-gateway BENCH_ARGS="--gateway-src ../before".

@@ -185,9 +185,9 @@ class Steadiness:
             return ""
         shown = ", ".join(f"{q:.0f}" for q in self.quarters)
         return (
-            f"output tok/s moved across the window's quarters ({shown}; +-{self.relative:.0%}): requests finish in "
-            "waves, and the figure depends on where the window fell; a longer --duration, or --output-spread with a "
-            "fixed --output-len, steadies it"
+            f"output tok/s moved across the window's quarters ({shown}; ± {self.relative:.0%} standard error): the "
+            "figure depends on where the window fell (few requests, or requests finishing in waves); a longer "
+            "--duration steadies it, and --output-spread breaks up the waves of a fixed --output-len"
         )
 
     def to_json(self) -> dict[str, Any]:
