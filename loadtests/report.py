@@ -130,7 +130,7 @@ def ratio_errors(
 
 
 def with_error(value: float | None, error: float | None, digits: int = 1) -> str:
-    """A figure and its standard error, as `12.3 +- 1.2`."""
+    """A figure and its standard error, as `12.3 ± 1.2`."""
     if error is None or value is None:
         return fmt(value, digits=digits)
     return f"{fmt(value, digits=digits)} ± {fmt(error, digits=digits)}"
