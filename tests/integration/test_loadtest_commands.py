@@ -100,8 +100,10 @@ def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str,
     cmd = [sys.executable, "-m", "serve.cli", "bench", "ui", "--url", oracle, "--model", "m", "--web-port", str(port)]
     cmd += ["--output-len", "5", "--warmup", "0"]
     log = (tmp_path / "ui.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # A session of its own: whatever happens below, the whole group can be ended and nothing outlives the test.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     web = f"http://127.0.0.1:{port}"
+    children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -121,6 +123,7 @@ def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str,
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port
         }
         assert listening == {"127.0.0.1"}, listening
+        children = psutil.Process(proc.pid).children(recursive=True)
         started = httpx.post(f"{web}/swarm", data={"user_count": "2", "spawn_rate": "2", "host": oracle}, timeout=10)
         assert started.json()["success"], started.text
         names: set[str] = set()
@@ -132,10 +135,16 @@ def test_ui_serves_locust_web_ui_on_loopback_and_runs_the_scenarios(oracle: str,
         assert {"TTFT", "TPOT", "E2E"} <= names, stats
         httpx.get(f"{web}/stop", timeout=10)
     finally:
+        # SIGINT to `bench ui` alone, as `kill -INT` sends it (a terminal's Ctrl-C reaches the whole group).
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        left = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        for c in left:
+            c.kill()
+    # Locust ended with the command that started it.
+    assert children and not left, left
