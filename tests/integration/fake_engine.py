@@ -19,6 +19,9 @@ from starlette.routing import Route
 @dataclass
 class FakeEngine:
     healthy: bool = True
+    # Fail the health check too once this many requests have been answered (set with the failing mode, so that
+    # no check can see the engine sick before the requests that eject it, nor well after them).
+    sick_after: int | None = None
     # "ok"; "status" (answer with `status`); "die" (break the connection mid-stream); "hang" (never send
     # headers); "stall" (stop sending after the first token)
     mode: str = "ok"
@@ -48,7 +51,8 @@ class FakeEngine:
         )
 
     async def health(self, _: Request) -> Response:
-        return Response(status_code=200 if self.healthy else 503)
+        sick = self.sick_after is not None and len(self.requests) >= self.sick_after
+        return Response(status_code=200 if self.healthy and not sick else 503)
 
     async def generate(self, request: Request) -> Response:
         body = await request.json()

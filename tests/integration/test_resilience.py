@@ -102,17 +102,18 @@ def test_failing_endpoint_is_ejected_and_comes_back_when_healthy(
     tmp_path: Path, engines: list[tuple[FakeEngine, str]]
 ) -> None:
     (bad, bad_url), (good, _) = engines
-    bad.mode, bad.status = "status", 500
+    # Its health check fails from its second failed request on, so the checks (every 0.3 s) can neither eject it
+    # before the requests do nor bring it back before it is well.
+    bad.mode, bad.status, bad.sick_after = "status", 500, 2
     routing = {"routing": {"eject_after": 2, "eject_min_keys": 1}}
     with one_model(tmp_path, engines, routing, health_interval=0.3) as gw:
-        bad.healthy = False  # its health check fails too, so only a passed check can bring it back
         codes = [post(gw, CHAT).status_code for _ in range(6)]
         assert codes.count(502) == 2, codes  # two failures, then ejected: the rest go to the good endpoint
         assert len(bad.requests) == 2 and len(good.requests) == 4
         text = httpx.get(f"{gw.url}/metrics").text
         assert metric_sum(text, "gateway_endpoint_up", endpoint=bad_url) == 0
         assert metric_sum(text, "gateway_endpoint_ejections_total", model="m") == 1
-        bad.mode, bad.healthy = "ok", True
+        bad.mode, bad.sick_after = "ok", None
         deadline = time.monotonic() + 5
         while metric_sum(httpx.get(f"{gw.url}/metrics").text, "gateway_endpoint_up", endpoint=bad_url) != 1:
             assert time.monotonic() < deadline, "endpoint did not come back after passing its health check"
