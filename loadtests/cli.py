@@ -25,7 +25,7 @@ EXIT_REFUSED = 3
 SECRET_FLAGS = ("--key", "--engine-key")
 COMPARE_PAIRS = [("vllm", "baseline"), ("gateway", "baseline"), ("gateway", "vllm")]
 # `compare` runs three targets per level: shorter levels, and the 64 users its criteria are stated at.
-COMPARE_DEFAULTS: dict[str, Any] = {"users": (1, 8, 32, 64), "duration": 40.0}
+COMPARE_DEFAULTS: dict[str, Any] = {"users": (1, 8, 32, 64), "duration": 40.0, "rounds": 2}
 # vLLM's CPU backend runs the model on one core and its API server on the other; the baseline gets the same single
 # core for the model. Two OpenMP threads on a two-core machine that is also running the load generator collapse to
 # a few tokens/s (measured: 2.4 vs 21 tok/s), which would flatter the stack.
@@ -160,17 +160,33 @@ def measure_quality(targets: list[Target], config: QualityConfig) -> list[Qualit
 
 def sweep(targets: list[Target], setup: Setup, folder: Path) -> list[LevelResult]:
     from loadtests.report import level_line
-    from loadtests.runner import levels, run_level
+    from loadtests.runner import join_rounds, levels, run_level
 
     results = []
+    rounds = setup.config.rounds
     for level in levels(setup.config):
-        # Targets alternate within a level so that all of them see the same machine at the same time of the run.
-        for target in targets:
-            print(f"bench: {target.name} at {level.label} ...", file=sys.stderr, flush=True)
-            result = run_level(target, level, setup, folder)
-            print(level_line(result), file=sys.stderr, flush=True)
-            results.append(result)
+        # Targets alternate within a level so that all of them see the same machine at the same time of the run,
+        # and in rounds the order turns (A B C, C B A, ...) so that a drift over the level falls on each alike.
+        runs: dict[str, list[LevelResult]] = {t.name: [] for t in targets}
+        for round_no in range(1, rounds + 1):
+            for target in round_order(targets, round_no):
+                where = f"{target.name} at {level.label}" + (f", round {round_no} of {rounds}" if rounds > 1 else "")
+                print(f"bench: {where} ...", file=sys.stderr, flush=True)
+                result = run_level(target, level, setup, folder, round_no=round_no)
+                what = f"round {round_no} of {rounds}" if rounds > 1 else ""
+                print(level_line(result, what), file=sys.stderr, flush=True)
+                runs[target.name].append(result)
+        joined = [join_rounds(runs[t.name], setup) for t in targets]
+        if rounds > 1:
+            for result in joined:
+                print(level_line(result, f"{rounds} rounds joined"), file=sys.stderr, flush=True)
+        results += joined
     return results
+
+
+def round_order(targets: list[Target], round_no: int) -> list[Target]:
+    """The targets' order in a round: as given in odd rounds, reversed in even ones."""
+    return list(targets) if round_no % 2 else list(reversed(targets))
 
 
 def finish(

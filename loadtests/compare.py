@@ -35,6 +35,8 @@ class RunningStack:
     gateway_key: str
     engine_url: str
     model_file: Path
+    # Every engine of the model behind the gateway (default: the one engine_url names).
+    engine_urls: tuple[str, ...] = ()
 
 
 def discover(state: StateFolder) -> RunningStack:
@@ -54,6 +56,7 @@ def discover(state: StateFolder) -> RunningStack:
         gateway_key=key_path.read_text().strip(),
         engine_url=models[0]["endpoints"][0],
         model_file=Path(models[0]["file"]),
+        engine_urls=tuple(models[0]["endpoints"]),
     )
 
 
@@ -109,9 +112,13 @@ def baseline_server(weights: str, served_name: str, dtype: str, log: Path, threa
 
 
 def targets(stack: RunningStack, engine_key: str | None, model: str, baseline_url: str | None) -> list[Target]:
+    """The baseline (when there is one), vLLM direct and the gateway; the engines' own token counters are read
+    for the last two (the gateway's over every engine of the model behind it)."""
     out = []
     if baseline_url:
         out.append(Target("baseline", baseline_url, None, model))
-    out.append(Target("vllm", stack.engine_url, engine_key, model))
-    out.append(Target("gateway", stack.gateway_url, stack.gateway_key, model))
+    direct = (f"{stack.engine_url}/metrics",)
+    behind = tuple(f"{url}/metrics" for url in stack.engine_urls) or direct
+    out.append(Target("vllm", stack.engine_url, engine_key, model, direct))
+    out.append(Target("gateway", stack.gateway_url, stack.gateway_key, model, behind))
     return out

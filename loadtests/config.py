@@ -59,6 +59,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a whole number from 1 up, not {text!r}")
+    return value
+
+
 def opt(default: Any, help: str, group: str, **kw: Any) -> Any:
     return field(default=default, metadata={"opt": Opt(help, group, **kw)})
 
@@ -138,6 +148,14 @@ class LoadConfig:
     late_tolerance: float = opt(0.05, "open loop: seconds after its due time a send counts as late", "load")
     warmup: float = opt(10.0, "seconds excluded from the numbers", "load", locust=True, label="warm-up", unit=" s")
     duration: float = opt(60.0, "measured seconds per level", "load", label="measured per level", unit=" s")
+    rounds: int = opt(
+        1,
+        "run each level this many times per target, the targets' order reversed every round (A B, B A, ...), and "
+        "join the rounds' windows: drift of the machine during a level then falls on every target alike",
+        "load",
+        label="rounds per level",
+        parse=positive_int,
+    )
     num_requests: int | None = opt(
         None,
         "end each level when this many requests sent after the warm-up have finished (instead of --duration)",

@@ -85,8 +85,10 @@ def result_json(result: LevelResult) -> dict[str, Any]:
         "problems": result.problems,
         "failures": result.failures,
         "low_samples": not result.summary.samples.enough,
-        "window": {"t0": result.window.t0, "t1": result.window.t1},
+        "window": {"t0": result.window.t0, "t1": result.window.t1, "spans": [list(s) for s in result.window.spans]},
         "loadgen": asdict(result.loadgen),
+        "engine_tok_s": result.engine_tok_s,
+        "engine_problem": result.engine_problem,
     }
     if result.valid:
         return {**head, **result.summary.to_json()}
@@ -94,31 +96,45 @@ def result_json(result: LevelResult) -> dict[str, Any]:
     return {**head, "unverified": result.summary.to_json()}
 
 
+# How a ratio row of the engines' own counts is named beside the client's row of the same pair.
+ENGINE_ROW = " (engine's count)"
+
+
 def ratios(results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, float | None]]:
-    """Output tok/s of one target over another's, per level label (None when either run was refused)."""
+    """Output tok/s of one target over another's, per level label (None when either run was refused); where both
+    targets' engine counters were read, a second row of the same pair from the engines' own counts."""
     by_key = {(r.target, r.level.label): r for r in results}
     labels = list(dict.fromkeys(r.level.label for r in results))
     out: dict[str, dict[str, float | None]] = {}
     for top, bottom in pairs:
         row: dict[str, float | None] = {}
+        engine_row: dict[str, float | None] = {}
         for label in labels:
             a, b = by_key.get((top, label)), by_key.get((bottom, label))
             if a is None or b is None:
                 continue
             ok = a.valid and b.valid and b.summary.output_tok_s > 0
             row[label] = a.summary.output_tok_s / b.summary.output_tok_s if ok else None
+            ea, eb = a.engine_tok_s, b.engine_tok_s
+            if ea is not None and eb is not None:
+                engine_row[label] = ea / eb if ok and eb > 0 else None
         if row:
             out[f"{top}/{bottom}"] = row
+        if engine_row:
+            out[f"{top}/{bottom}{ENGINE_ROW}"] = engine_row
     return out
 
 
 def ratio_errors(
-    results: Sequence[LevelResult], pairs: Sequence[tuple[str, str]]
+    results: Sequence[LevelResult], table: dict[str, dict[str, float | None]]
 ) -> dict[str, dict[str, float | None]]:
-    """The standard error of each ratio of `ratios`, from both targets' errors over their windows' quarters."""
+    """The standard error of each client's ratio of `ratios`' table, from both targets' errors over their windows'
+    quarters (the engines' rows have none: their counter is read at the windows' edges only)."""
     by_key = {(r.target, r.level.label): r for r in results}
     out: dict[str, dict[str, float | None]] = {}
-    for name, row in ratios(results, pairs).items():
+    for name, row in table.items():
+        if name.endswith(ENGINE_ROW):
+            continue
         top, bottom = name.split("/", 1)
         errors: dict[str, float | None] = {}
         for label, ratio in row.items():
@@ -175,19 +191,20 @@ def _num(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
 
-def level_line(r: LevelResult) -> str:
-    """One line for the terminal as a level ends."""
+def level_line(r: LevelResult, what: str = "") -> str:
+    """One line for the terminal as a level (or a round of it: `what` names which) ends."""
     s = r.summary
     state = "ok" if r.valid else "REFUSED: " + "; ".join(r.problems)
+    where = f"{r.target} at {r.level.label}" + (f" ({what})" if what else "")
+    engine = f" (engine's count {fmt(r.engine_tok_s)})" if r.engine_tok_s is not None else ""
     line = (
-        f"bench: {r.target} at {r.level.label}: {with_error(s.output_tok_s, s.steadiness.error)} output tok/s, "
+        f"bench: {where}: {with_error(s.output_tok_s, s.steadiness.error)} output tok/s{engine}, "
         f"TTFT p50 {fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {fmt(s.e2e_s.p50, digits=2)} s "
         f"(n={s.samples.measured}), {s.requests.ok} ok / {s.requests.failed} failed ({state})"
     )
-    if not s.samples.enough:
-        line += f"\nbench: WARNING {r.target} at {r.level.label}: {s.samples.advice()}"
-    if not s.steadiness.steady:
-        line += f"\nbench: WARNING {r.target} at {r.level.label}: {s.steadiness.advice()}"
+    for warning in (s.samples.advice(), s.steadiness.advice(), r.engine_problem or ""):
+        if warning:
+            line += f"\nbench: WARNING {where}: {warning}"
     return line
 
 
@@ -235,6 +252,11 @@ def markdown(
             cells = (with_error(row.get(label), errors.get(name, {}).get(label), digits=2) for label in labels)
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "(± one standard error, from each target's output tok/s over the quarters of its window)"]
+        if any(name.endswith(ENGINE_ROW) for name in ratio_table):
+            lines += [
+                "(engine's count: the tokens the engines' own counter, vllm:generation_tokens_total, grew by inside "
+                "each target's window)"
+            ]
     notes = (
         notes_of(results)
         + notes
@@ -249,23 +271,27 @@ def markdown(
 
 
 def sweep_table(results: Sequence[LevelResult], level_name: str, scores: dict[str, str]) -> list[str]:
-    """One row per target and level."""
+    """One row per target and level; the engines' own count of output tok/s beside the client's where it was read."""
+    counted = any(r.engine_tok_s is not None or r.engine_problem for r in results)
+    engine_head, engine_rule = (" engine's count |", "---|") if counted else ("", "")
     lines = [
-        f"| target | {level_name} | output tok/s | total tok/s | req/s | TTFT p50 / p99 (ms) | TPOT p50 / p99 (ms) "
-        "| ITL p50 / p99 (ms) | e2e p50 / p99 (s) | ok / failed | goodput req/s | quality |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| target | {level_name} | output tok/s |{engine_head} total tok/s | req/s | TTFT p50 / p99 (ms) "
+        "| TPOT p50 / p99 (ms) | ITL p50 / p99 (ms) | e2e p50 / p99 (s) | ok / failed | goodput req/s | quality |",
+        "|---|---|---|" + engine_rule + "---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         label = f"{r.level.value:g}"
         score = scores.get(r.target, "-")
         if not r.valid:
-            lines.append(f"| {r.target} | {label} | refused: see below | | | | | | | | | {score} |")
+            blank = " |" * (9 if counted else 8)
+            lines.append(f"| {r.target} | {label} | refused: see below |{blank} {score} |")
             continue
         s = r.summary
         if not s.samples.enough:
             label += " *few samples*"
+        engine = f" {fmt(r.engine_tok_s)} |" if counted else ""
         lines.append(
-            f"| {r.target} | {label} | {with_error(s.output_tok_s, s.steadiness.error)} | {fmt(s.total_tok_s)} "
+            f"| {r.target} | {label} | {with_error(s.output_tok_s, s.steadiness.error)} |{engine} {fmt(s.total_tok_s)} "
             f"| {fmt(s.requests_s, digits=2)} "
             f"| {percentiles(s.ttft_s, 1000)} | {percentiles(s.tpot_s, 1000, 1)} | {percentiles(s.itl_s, 1000, 1)} "
             f"| {percentiles(s.e2e_s, digits=2)} "
@@ -284,6 +310,8 @@ def notes_of(results: Sequence[LevelResult]) -> list[str]:
             notes.append(f"{where} {s.samples.advice()}")
         if not s.steadiness.steady:
             notes.append(f"{where} {s.steadiness.advice()}")
+        if r.engine_problem:
+            notes.append(f"{where} {r.engine_problem}")
         if s.requests.cancelled_at_stop:
             notes.append(
                 f"{where} {s.requests.cancelled_at_stop} requests sent inside the window were still running at the "
@@ -322,7 +350,7 @@ def write(
 
     folder.mkdir(parents=True, exist_ok=True)
     ratio_table = ratios(results, pairs)
-    error_table = ratio_errors(results, pairs)
+    error_table = ratio_errors(results, ratio_table)
     summary = {
         **meta.to_json(),
         "results": [result_json(r) for r in results],

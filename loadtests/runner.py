@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from loadtests.accounting import RequestRecord
 from loadtests.config import ROOT, LoadConfig, LocustRun, locust_argv, locust_env
+from loadtests.engine_counter import CounterWatch
 from loadtests.progress import LiveProgress
 from loadtests.sanity import Thresholds, broken_thresholds, impossible
 from loadtests.stats import SLO, Summary, Window, summarize
@@ -28,6 +30,9 @@ class Target:
     url: str  # base URL, without /v1
     key: str | None
     model: str
+    # Metrics URLs of the engines this target's requests reach: their generated-token counter is read beside the
+    # client's count (loadtests/engine_counter.py). Empty: not read.
+    counters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,15 @@ class LevelResult:
     records: list[RequestRecord]
     window: Window
     loadgen: LoadGen
+    # Tokens the engines' own counter grew by inside the window (None: not read, or not readable: then
+    # `engine_problem` says why).
+    engine_tokens: float | None = None
+    engine_problem: str | None = None
+
+    @property
+    def engine_tok_s(self) -> float | None:
+        seconds = self.window.seconds
+        return self.engine_tokens / seconds if self.engine_tokens is not None and seconds > 0 else None
 
     @property
     def valid(self) -> bool:
@@ -221,6 +235,7 @@ class Launched:
     started: float
     busy_before: float | None
     ended: float | None = None
+    counter: CounterWatch | None = None
 
     @property
     def budget(self) -> float | None:
@@ -230,11 +245,18 @@ class Launched:
         return None if c.num_requests is not None else c.warmup + c.duration + c.stop_timeout + LOCUST_GRACE_S
 
 
-def launch(target: Target, level: Level, setup: Setup, folder: Path, busy_before: float | None = None) -> Launched:
+def launch(
+    target: Target,
+    level: Level,
+    setup: Setup,
+    folder: Path,
+    busy_before: float | None = None,
+    round_no: int = 1,
+) -> Launched:
     """Start the Locust process of one target at one level; `collect` reads its result once it has exited."""
     raw = folder / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    stem = f"{target.name}-{level.label}"
+    stem = f"{target.name}-{level.label}" + (f"-round{round_no}" if setup.config.rounds > 1 else "")
     records_path = raw / f"{stem}.jsonl"
     records_path.unlink(missing_ok=True)
     salt = f"{stem}-{time.time_ns()}"
@@ -244,9 +266,10 @@ def launch(target: Target, level: Level, setup: Setup, folder: Path, busy_before
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update(locust_env(run))
     log_path = raw / f"{stem}.locust.log"
+    counter = CounterWatch(target.counters, target.key).start() if target.counters else None
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    return Launched(target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before)
+    return Launched(target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before, None, counter)
 
 
 def collect(launched: Launched, code: int, window: Window | None = None) -> LevelResult:
@@ -278,12 +301,70 @@ def collect(launched: Launched, code: int, window: Window | None = None) -> Leve
     if "start" not in markers:
         problems.append("locust never started the test; see its log")
     failures = broken_thresholds(summary, setup.thresholds)
-    return LevelResult(launched.target.name, level, summary, problems, failures, records, window, loadgen)
+    engine_tokens = engine_problem = None
+    if launched.counter is not None:
+        launched.counter.stop()
+        engine_tokens = launched.counter.tokens(window)
+        if engine_tokens is None:
+            # Not a reason to refuse the client's numbers: only the engine's view of them is missing.
+            why = launched.counter.failed or "its samples do not cover the window, or it went down"
+            engine_problem = f"the engines' token counter could not be read over the window: {why}"
+    return LevelResult(
+        launched.target.name,
+        level,
+        summary,
+        problems,
+        failures,
+        records,
+        window,
+        loadgen,
+        engine_tokens,
+        engine_problem,
+    )
 
 
-def run_level(target: Target, level: Level, setup: Setup, folder: Path, out: TextIO | None = None) -> LevelResult:
-    launched = launch(target, level, setup, folder, machine_busy())
-    progress = LiveProgress(f"{target.name} at {level.label}", launched.records, setup.config, out or sys.stderr)
+def join_rounds(rounds: Sequence[LevelResult], setup: Setup) -> LevelResult:
+    """One result for a target at a level from its rounds: their windows joined, every figure recomputed over all
+    of them (percentiles over all requests, tokens/s over all spans), each round's problems kept with its number."""
+    if len(rounds) == 1:
+        return rounds[0]
+    first = rounds[0]
+    records = [r for result in rounds for r in result.records]
+    window = Window.join([r.window for r in rounds])
+    summary = summarize(
+        records,
+        window,
+        setup.slo,
+        open_loop=first.level.rate is not None,
+        late_tolerance=setup.config.late_tolerance,
+    )
+    problems = [f"round {i}: {p}" for i, r in enumerate(rounds, 1) for p in r.problems]
+    counted = [r.engine_tokens for r in rounds]
+    engine_tokens = None if any(t is None for t in counted) else sum(t for t in counted if t is not None)
+    engine_problem = next((f"round {i}: {r.engine_problem}" for i, r in enumerate(rounds, 1) if r.engine_problem), None)
+    wall = sum(r.loadgen.wall_s for r in rounds)
+    cpu = sum(r.loadgen.cpu_s for r in rounds)
+    busy = [r.loadgen.machine_busy_before for r in rounds if r.loadgen.machine_busy_before is not None]
+    loadgen = LoadGen(
+        exit_code=next((r.loadgen.exit_code for r in rounds if r.loadgen.exit_code), 0),
+        wall_s=wall,
+        cpu_s=cpu,
+        cpu_fraction=max(r.loadgen.cpu_fraction for r in rounds),
+        cpu_warning=any(r.loadgen.cpu_warning for r in rounds),
+        machine_busy_before=max(busy) if busy else None,
+    )
+    failures = broken_thresholds(summary, setup.thresholds)
+    return LevelResult(
+        first.target, first.level, summary, problems, failures, records, window, loadgen, engine_tokens, engine_problem
+    )
+
+
+def run_level(
+    target: Target, level: Level, setup: Setup, folder: Path, out: TextIO | None = None, round_no: int = 1
+) -> LevelResult:
+    launched = launch(target, level, setup, folder, machine_busy(), round_no)
+    name = f"{target.name} at {level.label}" + (f" (round {round_no})" if setup.config.rounds > 1 else "")
+    progress = LiveProgress(name, launched.records, setup.config, out or sys.stderr)
     code = wait(launched.proc, launched.budget, progress)
     launched.ended = time.monotonic()
     return collect(launched, code)

@@ -78,17 +78,41 @@ class SLO:
 
 @dataclass(frozen=True)
 class Window:
-    """The measured part of a run: after the warm-up, before the load generator started stopping."""
+    """The measured part of a run: after the warm-up, before the load generator started stopping. A level run in
+    rounds measures one such span per round: `rest` holds the spans after the first, and everything measured over
+    the window counts over all of them."""
 
     t0: float
     t1: float
+    rest: tuple[tuple[float, float], ...] = ()
+
+    @classmethod
+    def join(cls, windows: Sequence[Window]) -> Window:
+        """One window over the spans of several, in time order (the rounds of a level do not overlap)."""
+        spans = sorted(span for w in windows for span in w.spans)
+        if not spans:
+            raise ValueError("no window to join")
+        (t0, t1), *rest = spans
+        return cls(t0, t1, tuple(rest))
+
+    @property
+    def spans(self) -> tuple[tuple[float, float], ...]:
+        return ((self.t0, self.t1), *self.rest)
 
     @property
     def seconds(self) -> float:
-        return max(0.0, self.t1 - self.t0)
+        return sum(max(0.0, b - a) for a, b in self.spans)
 
     def holds(self, t: float) -> bool:
-        return self.t0 <= t < self.t1
+        return any(a <= t < b for a, b in self.spans)
+
+    def tokens(self, record: RequestRecord) -> tuple[float, float]:
+        """(output, prompt) tokens of a request produced inside the window's spans."""
+        out = inp = 0.0
+        for a, b in self.spans:
+            o, i = tokens_in_window(record, a, b)
+            out, inp = out + o, inp + i
+        return out, inp
 
 
 def started_in(records: Sequence[RequestRecord], window: Window) -> list[RequestRecord]:
@@ -195,12 +219,14 @@ class Steadiness:
 
 
 def quarters(records: Sequence[RequestRecord], window: Window, parts: int = QUARTERS) -> tuple[float, ...]:
-    """Output tokens/s inside each of `parts` equal slices of the window."""
-    if window.seconds <= 0:
-        return ()
-    width = window.seconds / parts
-    edges = [(window.t0 + i * width, window.t0 + (i + 1) * width) for i in range(parts)]
-    return tuple(sum(tokens_in_window(r, a, b)[0] for r in records) / width for a, b in edges)
+    """Output tokens/s inside each of `parts` equal slices of every span of the window (a level run in rounds
+    has one span per round, so the spread then also holds the drift between rounds)."""
+    edges = []
+    for t0, t1 in window.spans:
+        width = (t1 - t0) / parts
+        if width > 0:
+            edges += [(t0 + i * width, t0 + (i + 1) * width) for i in range(parts)]
+    return tuple(sum(tokens_in_window(r, a, b)[0] for r in records) / (b - a) for a, b in edges)
 
 
 @dataclass(frozen=True)
@@ -257,7 +283,7 @@ def summarize(
     failed = [r for r in done if not r.ok]
     output = prompt = 0.0
     for record in records:
-        out, inp = tokens_in_window(record, window.t0, window.t1)
+        out, inp = window.tokens(record)
         output += out
         prompt += inp
     finished = sum(1 for r in records if r.ok and r.end is not None and window.holds(r.end))

@@ -101,6 +101,8 @@ def test_compare_reports_baseline_vllm_and_gateway(stack: Any, tmp_path: Path) -
         "32",
         "--stop-timeout",
         "30",
+        "--rounds",
+        "2",
         "--no-quality",
         "--out",
         str(out),
@@ -113,6 +115,21 @@ def test_compare_reports_baseline_vllm_and_gateway(stack: Any, tmp_path: Path) -
     assert set(rates) == {"baseline", "vllm", "gateway"} and all(v > 0 for v in rates.values())
     assert summary["ratios"]["gateway/vllm"]["u2"] == pytest.approx(rates["gateway"] / rates["vllm"])
     assert "| ratio | u2 |" in (out / "report.md").read_text()
+    # Two rounds each, in turned order, joined into one result per target.
+    assert all(len(r["window"]["spans"]) == 2 for r in summary["results"])
+    starts = {(r["target"], i): span[0] for r in summary["results"] for i, span in enumerate(r["window"]["spans"])}
+    assert starts[("baseline", 0)] < starts[("vllm", 0)] < starts[("gateway", 0)]
+    assert starts[("gateway", 1)] < starts[("vllm", 1)] < starts[("baseline", 1)]
+    assert {p.name for p in (out / "raw").glob("vllm-u2-round*.jsonl")} == {
+        "vllm-u2-round1.jsonl",
+        "vllm-u2-round2.jsonl",
+    }
+    # vLLM's own counter, read beside the client's count, agrees with it (the engine served nothing else).
+    engine = {r["target"]: r["engine_tok_s"] for r in summary["results"]}
+    assert engine["baseline"] is None
+    for name in ("vllm", "gateway"):
+        assert 0.7 < engine[name] / rates[name] < 1.3, (name, engine[name], rates[name])
+    assert summary["ratios"]["gateway/vllm (engine's count)"]["u2"] == pytest.approx(engine["gateway"] / engine["vllm"])
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,9 @@ def test_every_option_has_help_and_one_default() -> None:
     assert parser().parse_args(["bench", "run"]).stop_timeout == LoadConfig().stop_timeout
 
 
-def test_compare_has_its_own_levels_and_duration() -> None:
+def test_compare_has_its_own_levels_duration_and_rounds() -> None:
     compare = from_args(LoadConfig, parser().parse_args(["bench", "compare"]))
-    assert compare == dataclasses.replace(LoadConfig(), users=(1, 8, 32, 64), duration=40.0)
+    assert compare == dataclasses.replace(LoadConfig(), users=(1, 8, 32, 64), duration=40.0, rounds=2)
 
 
 def test_flags_parse_into_the_config() -> None:

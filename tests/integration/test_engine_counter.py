@@ -1,0 +1,53 @@
+"""The engines' token counter read over HTTP while a level runs (a stand-in engine whose counter grows steadily)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from loadtests.engine_counter import CounterWatch
+from loadtests.stats import Window
+from tests.servers import run_server
+
+RATE = 200.0  # tokens/s the stand-in engine's counter grows by
+
+
+def engine(started: float, seen: list[str | None]) -> Starlette:
+    async def metrics(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        value = RATE * (time.time() - started)
+        return PlainTextResponse(f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {value}\n')
+
+    return Starlette(routes=[Route("/metrics", metrics)])
+
+
+def test_the_counter_is_read_over_a_window_while_it_runs() -> None:
+    seen: list[str | None] = []
+    with run_server(engine(time.time(), seen)) as url:
+        watch = CounterWatch((f"{url}/metrics", f"{url}/metrics"), key="k", interval=0.1).start()
+        time.sleep(0.3)
+        t0 = time.time()
+        time.sleep(1.0)
+        t1 = time.time()
+        time.sleep(0.3)
+        watch.stop()
+    assert watch.failed is None and len(watch.samples) >= 10
+    # Two engines (the same one twice here): their counts add up.
+    tokens = watch.tokens(Window(t0, t1))
+    assert tokens == pytest.approx(2 * RATE * (t1 - t0), rel=0.05)
+    assert set(seen) == {"Bearer k"}
+    # Past the last sample there is no figure.
+    assert watch.tokens(Window(t0, time.time() + 5)) is None
+
+
+def test_an_unreachable_engine_is_said_not_guessed() -> None:
+    watch = CounterWatch(("http://127.0.0.1:9/metrics",), interval=0.1).start()
+    time.sleep(0.3)
+    watch.stop()
+    assert watch.samples == [] and watch.failed is not None and "127.0.0.1:9" in watch.failed
+    assert watch.tokens(Window(time.time() - 1, time.time())) is None
