@@ -46,27 +46,40 @@ class Opt:
     ui: bool = True  # shown in Locust's web UI (when `locust`)
     metavar: str | None = None
     tenant: bool = False  # a tenant of a tenants file may set it for its own requests, load or criteria
-    parse: Callable[[str], Any] | None = None  # the value's parser when its type alone does not say enough
+    limits: Limits | None = None  # the values allowed, checked alike on the command line and in a tenants file
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"a fraction from 0 up to (not including) 1, not {text!r}")
-    return value
+@dataclass(frozen=True)
+class Limits:
+    """Bounds of a number option, in pydantic's terms (a tenants file checks them with `Field(**limits.field)`)."""
+
+    ge: float | None = None
+    lt: float | None = None
+
+    @property
+    def field(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def holds(self, value: float) -> bool:
+        return (self.ge is None or value >= self.ge) and (self.lt is None or value < self.lt)
+
+    def describe(self) -> str:
+        if self.ge is not None and self.lt is not None:
+            return f"from {self.ge:g} up to (not including) {self.lt:g}"
+        return f"of at least {self.ge:g}" if self.ge is not None else f"below {self.lt:g}"
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"a whole number from 1 up, not {text!r}")
-    return value
+def bounded(inner: Callable[[str], Any], limits: Limits) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = inner(text)
+        except ValueError:
+            value = None
+        if value is None or not limits.holds(value):
+            raise argparse.ArgumentTypeError(f"a number {limits.describe()}, not {text!r}")
+        return value
+
+    return parse
 
 
 def opt(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -113,7 +126,7 @@ class LoadConfig:
         locust=True,
         label="output spread",
         tenant=True,
-        parse=fraction,
+        limits=Limits(ge=0, lt=1),
     )
     max_output_len: int | None = opt(
         None, "clip the scenario's output lengths", "requests", locust=True, label="output length at most", tenant=True
@@ -154,7 +167,7 @@ class LoadConfig:
         "join the rounds' windows: drift of the machine during a level then falls on every target alike",
         "load",
         label="rounds per level",
-        parse=positive_int,
+        limits=Limits(ge=1),
     )
     num_requests: int | None = opt(
         None,
@@ -273,10 +286,10 @@ def number_list(kind: type[int] | type[float]) -> Callable[[str], tuple[float, .
 def parser_of(cls: type[Any], name: str) -> Callable[[str], Any]:
     """From the text of a flag or an environment variable to the field's value (empty text: None where allowed)."""
     base, nullable = _base(_hints(cls)[name])
-    own = next((o.parse for f, o in options(cls) if f.name == name), None)
+    limits = next((o.limits for f, o in options(cls) if f.name == name), None)
     inner: Callable[[str], Any]
-    if own is not None:
-        inner = own
+    if limits is not None:
+        inner = bounded(base, limits)
     elif typing.get_origin(base) is tuple:
         inner = number_list(typing.get_args(base)[0])
     elif base is bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
-from loadtests.config import LoadConfig, fraction, options, report_lines
+from loadtests.config import LoadConfig, options, report_lines
 from loadtests.runner import Level
 from serve.config.loader import ConfigError, Strict, read_mapping, resolve_path
 
@@ -41,8 +42,9 @@ def tenant_options() -> type[BaseModel]:
         hint = hints[f.name]
         if o.choices:
             hint = Literal[o.choices]
-        if o.parse is fraction:
-            hint = Annotated[float, Field(ge=0, lt=1)] | None
+        if o.limits is not None:
+            base = typing.get_args(hint)[0] if typing.get_origin(hint) in (types.UnionType, typing.Union) else hint
+            hint = Annotated[base, Field(**o.limits.field)] | None
         fields[f.name] = (hint, Field(default=None, description=o.help))
     model: type[BaseModel] = create_model("TenantOptions", __base__=Strict, **fields)
     return model
