@@ -13,9 +13,10 @@ def test_the_set_is_fixed_and_well_formed() -> None:
     assert len({q.id for q in qs}) == len(qs)
     assert {q.topic for q in qs} >= {"capitals", "arithmetic", "units"}
     for q in qs:
-        # A reply that only repeats the question must not score.
-        assert not is_correct(q, q.question), q
+        # A reply that only repeats what it was asked must not score.
+        assert not is_correct(q, q.prompt), q
         assert q.question.endswith("?") and q.answer
+        assert q.prompt == f"{q.question} Answer in a few words."
 
 
 @pytest.mark.parametrize(
