@@ -266,9 +266,15 @@ def launch(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update(locust_env(run))
     log_path = raw / f"{stem}.locust.log"
+    # Stopped by `collect`, which reads it; here only if Locust cannot be started at all.
     counter = CounterWatch(target.counters, target.key).start() if target.counters else None
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    except BaseException:
+        if counter is not None:
+            counter.stop()
+        raise
     return Launched(target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before, None, counter)
 
 
