@@ -169,11 +169,14 @@ def sweep(targets: list[Target], setup: Setup, folder: Path) -> list[LevelResult
         # and in rounds the order turns (A B C, C B A, ...) so that a drift over the level falls on each alike.
         runs: dict[str, list[LevelResult]] = {t.name: [] for t in targets}
         for round_no in range(1, rounds + 1):
+            what = f"round {round_no} of {rounds}" if rounds > 1 else ""
             for target in round_order(targets, round_no):
-                where = f"{target.name} at {level.label}" + (f", round {round_no} of {rounds}" if rounds > 1 else "")
-                print(f"bench: {where} ...", file=sys.stderr, flush=True)
+                print(
+                    f"bench: {target.name} at {level.label}{f', {what}' if what else ''} ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 result = run_level(target, level, setup, folder, round_no=round_no)
-                what = f"round {round_no} of {rounds}" if rounds > 1 else ""
                 print(level_line(result, what), file=sys.stderr, flush=True)
                 runs[target.name].append(result)
         joined = [join_rounds(runs[t.name], setup) for t in targets]

@@ -9,7 +9,6 @@ from the samples on either side of each edge, interpolated linearly (`POLL_S` bo
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from loadtests.stats import Window
+from serve.protocol.metrics_text import series_sums
 
 COUNTER = "vllm:generation_tokens_total"
 POLL_S = 0.5
@@ -25,20 +25,7 @@ POLL_S = 0.5
 
 def counter_value(text: str, name: str = COUNTER) -> float | None:
     """The sum of a counter over all its label sets in Prometheus text (None when it is absent)."""
-    total, seen = 0.0, False
-    for line in text.splitlines():
-        if not line.startswith(name):
-            continue
-        rest = line[len(name) :]
-        if not rest or rest[0] not in "{ ":
-            continue  # another metric whose name starts with this one
-        try:
-            value = float(rest.rsplit(" ", 1)[-1])
-        except ValueError:
-            continue
-        if math.isfinite(value):
-            total, seen = total + value, True
-    return total if seen else None
+    return series_sums(text, (name,)).get(name)
 
 
 def at(samples: Sequence[tuple[float, float]], t: float) -> float | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import socket
@@ -15,6 +14,7 @@ import httpx
 from serve.config.model_file import DnsDiscovery, Routing
 from serve.gateway.errors import Unavailable
 from serve.gateway.metrics import GatewayMetrics
+from serve.protocol.metrics_text import series_sums
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +215,7 @@ class HealthChecker:
         except httpx.HTTPError:
             resp = None
         if resp is not None and resp.status_code == 200:
-            for line in resp.text.splitlines():
-                name = line.split("{", 1)[0].split(" ", 1)[0]
-                if name in load:
-                    with contextlib.suppress(ValueError, IndexError):
-                        load[name] += float(line.rsplit(" ", 1)[1])
+            load.update(series_sums(resp.text, LOAD_GAUGES))
         endpoint.running = int(load["vllm:num_requests_running"])
         endpoint.waiting = int(load["vllm:num_requests_waiting"])
         endpoint.kv_usage = load["vllm:kv_cache_usage_perc"]
