@@ -112,11 +112,26 @@ def test_only_the_named_variants_run_and_an_unknown_name_is_refused(tmp_path: Pa
 def test_the_shipped_sweep_loads_against_the_default_model_file(tmp_path: Path) -> None:
     variants = prepare_variants(tmp_path, DEFAULT_MODEL_FILE, DEFAULT_SWEEP, None, None)
     engines = {v.name: load_model_file(v.file).engine for v in variants}
-    assert list(engines) == ["fp32", "bf16", "bf16-batch4k", "bf16-async", "bf16-interval"]
-    assert [e.dtype for e in engines.values()] == ["float32", *["bfloat16"] * 4]
+    assert list(engines) == [
+        "fp32",
+        "bf16",
+        "bf16-batch4k",
+        "bf16-async",
+        "bf16-interval",
+        "bf16-seqs32",
+        "bf16-no-chunked",
+        "bf16-omp-both",
+        "bf16-kv1",
+        "bf16-kv4",
+    ]
+    assert [e.dtype for e in engines.values()] == ["float32", *["bfloat16"] * 9]
     assert engines["bf16-batch4k"].max_num_batched_tokens == 4096
     assert engines["bf16-async"].extra_args == ["--async-scheduling"]
     assert engines["bf16-interval"].extra_args == ["--stream-interval", "4"]
+    assert engines["bf16-seqs32"].max_num_seqs == 32
+    assert engines["bf16-no-chunked"].enable_chunked_prefill is False
+    assert engines["bf16-omp-both"].cpu_omp_threads_bind == "0-1"
+    assert [engines[n].kv_cache_memory_gib for n in ("bf16", "bf16-kv1", "bf16-kv4")] == [2, 1, 4]
 
 
 def first(ttft: float, i: int, n: int) -> float:
