@@ -6,7 +6,7 @@ import bisect
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -127,6 +127,9 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's own CPU seconds, memory and open files (process_*), read from /proc at each scrape: what the
+        # gateway costs the machine it shares with the engines.
+        ProcessCollector(registry=r)
         # What every request or streamed event records: collectors of our own, without a lock per observation.
         self.requests = self._loop_counter(
             "gateway_requests_total",

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from serve.config.keys import create_key
+from serve.protocol.metrics_text import series_sums
 from tests.integration.conftest import ENGINE_KEY, model_file
 from tests.integration.fake_engine import FakeEngine
 from tests.servers import free_port, run_server
@@ -115,6 +116,10 @@ def test_access_log_is_json_without_keys_or_prompts(gateway_process: GatewayProc
         == 401
     )
     metrics = httpx.get(f"{gw.url}/metrics").text
+    # The process's own cost, as every Prometheus-scraped service reports it.
+    usage = series_sums(metrics, ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"))
+    assert usage.get("process_cpu_seconds_total", 0) > 0 and usage.get("process_resident_memory_bytes", 0) > 1e6
+    assert usage.get("process_open_fds", 0) > 0
     gw.proc.send_signal(signal.SIGTERM)
     out, err = gw.proc.communicate(timeout=30)
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
