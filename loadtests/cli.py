@@ -308,7 +308,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         with running as baseline_url:
             meta.baseline = Baseline(baseline_url, model.engine.dtype, args.baseline_threads)
-            chosen = targets(stack, args.engine_key, model.name, baseline_url)
+            metrics_key = env.metrics_key.get_secret_value() if env.metrics_key is not None else None
+            chosen = targets(stack, args.engine_key, model.name, baseline_url, metrics_key)
             quality = measure_quality(chosen, quality_config) if quality_config.quality else []
             results = sweep(chosen, setup, folder)
     except CompareError as exc:

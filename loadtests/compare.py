@@ -111,14 +111,18 @@ def baseline_server(weights: str, served_name: str, dtype: str, log: Path, threa
                 proc.wait()
 
 
-def targets(stack: RunningStack, engine_key: str | None, model: str, baseline_url: str | None) -> list[Target]:
+def targets(
+    stack: RunningStack, engine_key: str | None, model: str, baseline_url: str | None, metrics_key: str | None = None
+) -> list[Target]:
     """The baseline (when there is one), vLLM direct and the gateway; the engines' own token counters are read
-    for the last two (the gateway's over every engine of the model behind it)."""
+    for the last two (the gateway's over every engine of the model behind it), and the gateway's CPU for the last
+    (its /metrics asks for `metrics_key` when one is set)."""
     out = []
     if baseline_url:
         out.append(Target("baseline", baseline_url, None, model))
     direct = (f"{stack.engine_url}/metrics",)
     behind = tuple(f"{url}/metrics" for url in stack.engine_urls) or direct
     out.append(Target("vllm", stack.engine_url, engine_key, model, direct))
-    out.append(Target("gateway", stack.gateway_url, stack.gateway_key, model, behind))
+    meter = (f"{stack.gateway_url}/metrics",)
+    out.append(Target("gateway", stack.gateway_url, stack.gateway_key, model, behind, meter, metrics_key))
     return out

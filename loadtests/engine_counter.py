@@ -5,6 +5,9 @@ The client's output tok/s counts the tokens that reached it inside the window. T
 it tells a slower client or proxy apart from a slower engine, and it does not depend on how the window's edges cut
 requests. A background thread samples the counter of every engine a target reaches; the tokens inside a window come
 from the samples on either side of each edge, interpolated linearly (`POLL_S` bounds the error at each edge).
+
+The same watch reads the gateway's `process_cpu_seconds_total`: the CPU its process spent inside the window, which
+on a machine it shares with the engine is what the gateway costs, free of the drift that moves tok/s between runs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from loadtests.stats import Window
 from serve.protocol.metrics_text import series_sums
 
 COUNTER = "vllm:generation_tokens_total"
+CPU_COUNTER = "process_cpu_seconds_total"
 POLL_S = 0.5
 
 
@@ -36,9 +40,9 @@ def at(samples: Sequence[tuple[float, float]], t: float) -> float | None:
     return None
 
 
-def tokens_over(samples: Sequence[tuple[float, float]], window: Window) -> float | None:
-    """Tokens the counter grew by inside the window's spans (None when the samples do not cover them all, or the
-    counter went down: an engine restarted)."""
+def growth(samples: Sequence[tuple[float, float]], window: Window) -> float | None:
+    """What the counter grew by inside the window's spans (None when the samples do not cover them all, or the
+    counter went down: the process behind it restarted)."""
     total = 0.0
     for t0, t1 in window.spans:
         a, b = at(samples, t0), at(samples, t1)
@@ -50,10 +54,11 @@ def tokens_over(samples: Sequence[tuple[float, float]], window: Window) -> float
 
 @dataclass
 class CounterWatch:
-    """Samples the summed counter of some engines' metrics URLs every `interval` seconds, in a thread."""
+    """Samples a counter summed over some metrics URLs every `interval` seconds, in a thread."""
 
     urls: tuple[str, ...]
     key: str | None = None
+    name: str = COUNTER
     interval: float = POLL_S
     samples: list[tuple[float, float]] = field(default_factory=list)
     failed: str | None = None  # why a sample could not be read, when one could not
@@ -61,7 +66,7 @@ class CounterWatch:
     _thread: threading.Thread | None = None
 
     def start(self) -> CounterWatch:
-        self._thread = threading.Thread(target=self._run, name="engine-counter", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"counter {self.name}", daemon=True)
         self._thread.start()
         return self
 
@@ -84,16 +89,16 @@ class CounterWatch:
         total = 0.0
         for url in self.urls:
             try:
-                value = counter_value(client.get(url).text)
+                value = counter_value(client.get(url).text, self.name)
             except httpx.HTTPError as exc:
                 self.failed = f"{url}: {type(exc).__name__}: {exc}"
                 return
             if value is None:
-                self.failed = f"{url} has no {COUNTER}"
+                self.failed = f"{url} has no {self.name}"
                 return
             total += value
         # The time the answers came back: the counter's value is at most that old.
         self.samples.append((time.time(), total))
 
-    def tokens(self, window: Window) -> float | None:
-        return tokens_over(self.samples, window)
+    def grown(self, window: Window) -> float | None:
+        return growth(self.samples, window)

@@ -89,6 +89,9 @@ def result_json(result: LevelResult) -> dict[str, Any]:
         "loadgen": asdict(result.loadgen),
         "engine_tok_s": result.engine_tok_s,
         "engine_problem": result.engine_problem,
+        "gateway_cpu_s": result.gateway_cpu_s,
+        "gateway_cpu_share": result.gateway_cpu_share,
+        "gateway_cpu_problem": result.gateway_cpu_problem,
     }
     if result.valid:
         return {**head, **result.summary.to_json()}
@@ -197,12 +200,14 @@ def level_line(r: LevelResult, what: str = "") -> str:
     state = "ok" if r.valid else "REFUSED: " + "; ".join(r.problems)
     where = f"{r.target} at {r.level.label}" + (f" ({what})" if what else "")
     engine = f" (engine's count {fmt(r.engine_tok_s)})" if r.engine_tok_s is not None else ""
+    if r.gateway_cpu_share is not None:
+        engine += f", gateway CPU {r.gateway_cpu_share:.1%} of a core"
     line = (
         f"bench: {where}: {with_error(s.output_tok_s, s.steadiness.error)} output tok/s{engine}, "
         f"TTFT p50 {fmt(s.ttft_s.p50, 1000, 0)} ms, e2e p50 {fmt(s.e2e_s.p50, digits=2)} s "
         f"(n={s.samples.measured}), {s.requests.ok} ok / {s.requests.failed} failed ({state})"
     )
-    for warning in (s.samples.advice(), s.steadiness.advice(), r.engine_problem or ""):
+    for warning in (s.samples.advice(), s.steadiness.advice(), r.engine_problem or "", r.gateway_cpu_problem or ""):
         if warning:
             line += f"\nbench: WARNING {where}: {warning}"
     return line
@@ -257,6 +262,7 @@ def markdown(
                 "(engine's count: the tokens the engines' own counter, vllm:generation_tokens_total, grew by inside "
                 "each target's window)"
             ]
+    lines += gateway_cpu_table(results)
     notes = (
         notes_of(results)
         + notes
@@ -268,6 +274,27 @@ def markdown(
         lines += ["", "Quality:", "", "```", table(quality), "```"]
     lines += ["", "![output tokens/s](throughput.png)", "", "![latency](latency.png)", "", "![CDF](latency_cdf.png)"]
     return "\n".join(lines) + "\n"
+
+
+def gateway_cpu_table(results: Sequence[LevelResult]) -> list[str]:
+    """The CPU the gateway's process spent inside its windows, per level: its cost on the machine it shares with
+    the engine, which the machine's drift between runs does not move as it moves tok/s (empty: not read)."""
+    read = [r for r in results if r.gateway_cpu_s is not None]
+    if not read:
+        return []
+    labels = list(dict.fromkeys(r.level.label for r in read))
+    by_label = {r.level.label: r for r in read}
+    share = (fmt(by_label[label].gateway_cpu_share, 100) for label in labels)
+    per_k = (fmt(by_label[label].gateway_cpu_per_token, 1e6) for label in labels)
+    return [
+        "",
+        "The gateway's own CPU inside its windows (its process_cpu_seconds_total):",
+        "",
+        "| gateway | " + " | ".join(labels) + " |",
+        "|---|" + "---|" * len(labels),
+        "| % of one core | " + " | ".join(share) + " |",
+        "| CPU ms per 1000 output tokens | " + " | ".join(per_k) + " |",
+    ]
 
 
 def sweep_table(results: Sequence[LevelResult], level_name: str, scores: dict[str, str]) -> list[str]:
@@ -312,6 +339,8 @@ def notes_of(results: Sequence[LevelResult]) -> list[str]:
             notes.append(f"{where} {s.steadiness.advice()}")
         if r.engine_problem:
             notes.append(f"{where} {r.engine_problem}")
+        if r.gateway_cpu_problem:
+            notes.append(f"{where} {r.gateway_cpu_problem}")
         if s.requests.cancelled_at_stop:
             notes.append(
                 f"{where} {s.requests.cancelled_at_stop} requests sent inside the window were still running at the "

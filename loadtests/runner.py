@@ -14,7 +14,7 @@ from typing import Any, TextIO
 
 from loadtests.accounting import RequestRecord
 from loadtests.config import ROOT, LoadConfig, LocustRun, locust_argv, locust_env
-from loadtests.engine_counter import CounterWatch
+from loadtests.engine_counter import CPU_COUNTER, CounterWatch
 from loadtests.progress import LiveProgress
 from loadtests.sanity import Thresholds, broken_thresholds, impossible
 from loadtests.stats import SLO, Summary, Window, summarize
@@ -33,6 +33,10 @@ class Target:
     # Metrics URLs of the engines this target's requests reach: their generated-token counter is read beside the
     # client's count (loadtests/engine_counter.py). Empty: not read.
     counters: tuple[str, ...] = ()
+    # Metrics URLs of the gateway in this target's path: the CPU its process spends is read the same way, with
+    # `metrics_key` when its /metrics asks for one.
+    cpu_meters: tuple[str, ...] = ()
+    metrics_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,11 +109,26 @@ class LevelResult:
     # `engine_problem` says why).
     engine_tokens: float | None = None
     engine_problem: str | None = None
+    # CPU seconds the gateway's process spent inside the window (None: not read, or `gateway_cpu_problem` says why).
+    gateway_cpu_s: float | None = None
+    gateway_cpu_problem: str | None = None
 
     @property
     def engine_tok_s(self) -> float | None:
         seconds = self.window.seconds
         return self.engine_tokens / seconds if self.engine_tokens is not None and seconds > 0 else None
+
+    @property
+    def gateway_cpu_share(self) -> float | None:
+        """The gateway's CPU inside the window as a fraction of one core."""
+        seconds = self.window.seconds
+        return self.gateway_cpu_s / seconds if self.gateway_cpu_s is not None and seconds > 0 else None
+
+    @property
+    def gateway_cpu_per_token(self) -> float | None:
+        """The gateway's CPU seconds per output token the client received inside the window."""
+        tokens = self.summary.output_tok_s * self.window.seconds
+        return self.gateway_cpu_s / tokens if self.gateway_cpu_s is not None and tokens > 0 else None
 
     @property
     def valid(self) -> bool:
@@ -236,6 +255,7 @@ class Launched:
     busy_before: float | None
     ended: float | None = None
     counter: CounterWatch | None = None
+    cpu_meter: CounterWatch | None = None
 
     @property
     def budget(self) -> float | None:
@@ -266,16 +286,43 @@ def launch(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update(locust_env(run))
     log_path = raw / f"{stem}.locust.log"
-    # Stopped by `collect`, which reads it; here only if Locust cannot be started at all.
+    # Stopped by `collect`, which reads them; here only if Locust cannot be started at all.
     counter = CounterWatch(target.counters, target.key).start() if target.counters else None
+    cpu_meter = (
+        CounterWatch(target.cpu_meters, target.metrics_key, name=CPU_COUNTER).start() if target.cpu_meters else None
+    )
     try:
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     except BaseException:
-        if counter is not None:
-            counter.stop()
+        for watch in (counter, cpu_meter):
+            if watch is not None:
+                watch.stop()
         raise
-    return Launched(target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before, None, counter)
+    return Launched(
+        target, level, setup, proc, records_path, log_path, time.monotonic(), busy_before, None, counter, cpu_meter
+    )
+
+
+def read_counter(watch: CounterWatch | None, window: Window, what: str) -> tuple[float | None, str | None]:
+    """A watched counter's growth over the window once its thread is stopped, or why it has no figure (not a
+    reason to refuse the client's numbers: only another view of them is missing)."""
+    if watch is None:
+        return None, None
+    watch.stop()
+    value = watch.grown(window)
+    if value is None:
+        why = watch.failed or "its samples do not cover the window, or it went down"
+        return None, f"{what} could not be read over the window: {why}"
+    return value, None
+
+
+def join_counters(rounds: Sequence[tuple[float | None, str | None]]) -> tuple[float | None, str | None]:
+    """The rounds' growths added up (None if any round has none), and the first round's problem with its number."""
+    values = [value for value, _ in rounds]
+    total = None if any(v is None for v in values) else sum(v for v in values if v is not None)
+    problem = next((f"round {i}: {why}" for i, (_, why) in enumerate(rounds, 1) if why), None)
+    return total, problem
 
 
 def collect(launched: Launched, code: int, window: Window | None = None) -> LevelResult:
@@ -307,14 +354,8 @@ def collect(launched: Launched, code: int, window: Window | None = None) -> Leve
     if "start" not in markers:
         problems.append("locust never started the test; see its log")
     failures = broken_thresholds(summary, setup.thresholds)
-    engine_tokens = engine_problem = None
-    if launched.counter is not None:
-        launched.counter.stop()
-        engine_tokens = launched.counter.tokens(window)
-        if engine_tokens is None:
-            # Not a reason to refuse the client's numbers: only the engine's view of them is missing.
-            why = launched.counter.failed or "its samples do not cover the window, or it went down"
-            engine_problem = f"the engines' token counter could not be read over the window: {why}"
+    engine_tokens, engine_problem = read_counter(launched.counter, window, "the engines' token counter")
+    gateway_cpu_s, gateway_cpu_problem = read_counter(launched.cpu_meter, window, "the gateway's CPU counter")
     return LevelResult(
         launched.target.name,
         level,
@@ -326,6 +367,8 @@ def collect(launched: Launched, code: int, window: Window | None = None) -> Leve
         loadgen,
         engine_tokens,
         engine_problem,
+        gateway_cpu_s,
+        gateway_cpu_problem,
     )
 
 
@@ -345,9 +388,8 @@ def join_rounds(rounds: Sequence[LevelResult], setup: Setup) -> LevelResult:
         late_tolerance=setup.config.late_tolerance,
     )
     problems = [f"round {i}: {p}" for i, r in enumerate(rounds, 1) for p in r.problems]
-    counted = [r.engine_tokens for r in rounds]
-    engine_tokens = None if any(t is None for t in counted) else sum(t for t in counted if t is not None)
-    engine_problem = next((f"round {i}: {r.engine_problem}" for i, r in enumerate(rounds, 1) if r.engine_problem), None)
+    engine_tokens, engine_problem = join_counters([(r.engine_tokens, r.engine_problem) for r in rounds])
+    gateway_cpu_s, gateway_cpu_problem = join_counters([(r.gateway_cpu_s, r.gateway_cpu_problem) for r in rounds])
     wall = sum(r.loadgen.wall_s for r in rounds)
     cpu = sum(r.loadgen.cpu_s for r in rounds)
     busy = [r.loadgen.machine_busy_before for r in rounds if r.loadgen.machine_busy_before is not None]
@@ -361,7 +403,18 @@ def join_rounds(rounds: Sequence[LevelResult], setup: Setup) -> LevelResult:
     )
     failures = broken_thresholds(summary, setup.thresholds)
     return LevelResult(
-        first.target, first.level, summary, problems, failures, records, window, loadgen, engine_tokens, engine_problem
+        first.target,
+        first.level,
+        summary,
+        problems,
+        failures,
+        records,
+        window,
+        loadgen,
+        engine_tokens,
+        engine_problem,
+        gateway_cpu_s,
+        gateway_cpu_problem,
     )
 
 

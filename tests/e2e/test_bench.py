@@ -130,6 +130,10 @@ def test_compare_reports_baseline_vllm_and_gateway(stack: Any, tmp_path: Path) -
     for name in ("vllm", "gateway"):
         assert 0.7 < engine[name] / rates[name] < 1.3, (name, engine[name], rates[name])
     assert summary["ratios"]["gateway/vllm (engine's count)"]["u2"] == pytest.approx(engine["gateway"] / engine["vllm"])
+    # The gateway's own CPU over its windows, from its process_cpu_seconds_total: some, and far from a whole core.
+    cpu = {r["target"]: r["gateway_cpu_share"] for r in summary["results"]}
+    assert cpu["baseline"] is None and cpu["vllm"] is None and 0 < cpu["gateway"] < 0.5, cpu
+    assert "| % of one core |" in (out / "report.md").read_text()
 
 
 @pytest.fixture(scope="module")

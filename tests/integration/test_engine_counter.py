@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from loadtests.engine_counter import CounterWatch
+from loadtests.engine_counter import CPU_COUNTER, CounterWatch
 from loadtests.stats import Window
 from tests.servers import run_server
 
@@ -21,7 +21,10 @@ def engine(started: float, seen: list[str | None]) -> Starlette:
     async def metrics(request: Request) -> Response:
         seen.append(request.headers.get("authorization"))
         value = RATE * (time.time() - started)
-        return PlainTextResponse(f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {value}\n')
+        return PlainTextResponse(
+            f'vllm:generation_tokens_total{{engine="0",model_name="m"}} {value}\n'
+            f"{CPU_COUNTER} {value / RATE / 10}\n"  # a process using a tenth of a core
+        )
 
     return Starlette(routes=[Route("/metrics", metrics)])
 
@@ -38,11 +41,11 @@ def test_the_counter_is_read_over_a_window_while_it_runs() -> None:
         watch.stop()
     assert watch.failed is None and len(watch.samples) >= 10
     # Two engines (the same one twice here): their counts add up.
-    tokens = watch.tokens(Window(t0, t1))
+    tokens = watch.grown(Window(t0, t1))
     assert tokens == pytest.approx(2 * RATE * (t1 - t0), rel=0.05)
     assert set(seen) == {"Bearer k"}
     # Past the last sample there is no figure.
-    assert watch.tokens(Window(t0, time.time() + 5)) is None
+    assert watch.grown(Window(t0, time.time() + 5)) is None
 
 
 def test_an_unreachable_engine_is_said_not_guessed() -> None:
@@ -50,4 +53,21 @@ def test_an_unreachable_engine_is_said_not_guessed() -> None:
     time.sleep(0.3)
     watch.stop()
     assert watch.samples == [] and watch.failed is not None and "127.0.0.1:9" in watch.failed
-    assert watch.tokens(Window(time.time() - 1, time.time())) is None
+    assert watch.grown(Window(time.time() - 1, time.time())) is None
+
+
+def test_another_counter_is_read_by_its_name() -> None:
+    with run_server(engine(time.time(), [])) as url:
+        watch = CounterWatch((f"{url}/metrics",), name=CPU_COUNTER, interval=0.1).start()
+        time.sleep(0.3)
+        t0 = time.time()
+        time.sleep(1.0)
+        t1 = time.time()
+        time.sleep(0.3)
+        watch.stop()
+        absent = CounterWatch((f"{url}/metrics",), name="nothing_total", interval=0.1).start()
+        time.sleep(0.3)
+        absent.stop()
+    assert watch.failed is None
+    assert watch.grown(Window(t0, t1)) == pytest.approx((t1 - t0) / 10, rel=0.05)
+    assert absent.samples == [] and absent.failed == f"{url}/metrics has no nothing_total"

@@ -11,7 +11,7 @@ import pytest
 from loadtests import cli, report
 from loadtests.accounting import RequestRecord
 from loadtests.config import LoadConfig, from_args
-from loadtests.engine_counter import counter_value, tokens_over
+from loadtests.engine_counter import counter_value, growth
 from loadtests.report import Meta
 from loadtests.runner import Level, LevelResult, LoadGen, Setup, Target, join_rounds
 from loadtests.stats import SLO, Window, summarize
@@ -67,18 +67,27 @@ def test_prometheus_counter_is_summed_over_label_sets_and_nothing_else() -> None
 
 def test_tokens_over_a_window_interpolate_between_samples() -> None:
     samples = [(0.0, 0.0), (2.0, 100.0), (4.0, 100.0), (6.0, 300.0)]
-    assert tokens_over(samples, Window(1.0, 5.0)) == pytest.approx(50.0 + 100.0)
-    assert tokens_over(samples, Window(0.0, 1.0, ((5.0, 6.0),))) == pytest.approx(50.0 + 100.0)
-    assert tokens_over(samples, Window(1.0, 7.0)) is None  # not covered: no figure rather than a wrong one
-    assert tokens_over([(0.0, 500.0), (2.0, 10.0)], Window(0.5, 1.5)) is None  # the engine restarted
+    assert growth(samples, Window(1.0, 5.0)) == pytest.approx(50.0 + 100.0)
+    assert growth(samples, Window(0.0, 1.0, ((5.0, 6.0),))) == pytest.approx(50.0 + 100.0)
+    assert growth(samples, Window(1.0, 7.0)) is None  # not covered: no figure rather than a wrong one
+    assert growth([(0.0, 500.0), (2.0, 10.0)], Window(0.5, 1.5)) is None  # the engine restarted
 
 
-def level(target: str, at: float, every: float, engine: float | None, problems: list[str] | None = None) -> LevelResult:
+def level(
+    target: str,
+    at: float,
+    every: float,
+    engine: float | None,
+    problems: list[str] | None = None,
+    cpu: tuple[float | None, str | None] = (None, None),
+) -> LevelResult:
     records = [streamed(i, at + i, every) for i in range(20)]
     window = Window(at, at + 20.0)
     summary = summarize(records, window, SLO())
     loadgen = LoadGen(exit_code=0, wall_s=30.0, cpu_s=3.0, cpu_fraction=0.1, machine_busy_before=0.05)
-    return LevelResult(target, Level(users=8), summary, problems or [], [], records, window, loadgen, engine)
+    return LevelResult(
+        target, Level(users=8), summary, problems or [], [], records, window, loadgen, engine, None, *cpu
+    )
 
 
 def test_rounds_join_into_one_result_over_both_windows() -> None:
@@ -155,3 +164,28 @@ def test_an_unread_counter_is_said_and_does_not_refuse_the_clients_numbers(tmp_p
     meta = Meta(title="t", command="c", config=LoadConfig(), model="m")
     text = (report.write(tmp_path / "out", meta, [broken]) / "report.md").read_text()
     assert "- vllm at 8: the engines' token counter could not be read over the window" in text
+
+
+def test_the_gateways_cpu_is_joined_over_rounds_and_reported_per_level(tmp_path: Path) -> None:
+    first, second = (
+        level("gateway", 0.0, 0.5, 400.0, cpu=(0.2, None)),
+        level("gateway", 100.0, 0.5, 400.0, cpu=(0.6, None)),
+    )
+    joined = join_rounds([first, second], Setup(LoadConfig(rounds=2)))
+    # 0.8 CPU seconds over 40 s of windows: 2% of a core, over the client's 20 tok/s x 40 s = 800 tokens.
+    assert joined.gateway_cpu_s == pytest.approx(0.8) and joined.gateway_cpu_share == pytest.approx(0.02)
+    assert joined.gateway_cpu_per_token == pytest.approx(0.8 / (joined.summary.output_tok_s * 40.0))
+    unread = level("gateway", 100.0, 0.5, 400.0, cpu=(None, "the gateway's CPU counter could not be read: x"))
+    rejoined = join_rounds([first, unread], Setup(LoadConfig(rounds=2)))
+    assert rejoined.gateway_cpu_s is None and rejoined.gateway_cpu_problem == (
+        "round 2: the gateway's CPU counter could not be read: x"
+    )
+    meta = Meta(title="t", command="llmserve bench compare", config=LoadConfig(), model="m")
+    folder = report.write(tmp_path / "out", meta, [level("vllm", 200.0, 0.5, 400.0), joined], [("gateway", "vllm")])
+    rows = json.loads((folder / "summary.json").read_text())["results"]
+    assert [r["gateway_cpu_share"] for r in rows] == [None, pytest.approx(0.02)]
+    text = (folder / "report.md").read_text()
+    per_k = 1e6 * 0.8 / (joined.summary.output_tok_s * 40.0)
+    assert "| % of one core | 2.0 |" in text and f"| CPU ms per 1000 output tokens | {per_k:.1f} |" in text
+    assert "gateway CPU 2.0% of a core" in report.level_line(joined)
+    assert "round 2: the gateway's CPU counter could not be read: x" in report.level_line(rejoined)
