@@ -29,23 +29,30 @@ def engine(started: float, seen: list[str | None]) -> Starlette:
     return Starlette(routes=[Route("/metrics", metrics)])
 
 
+def watched(watch: CounterWatch) -> Window:
+    """Runs the watch over a second's window with samples on both sides of it; the window."""
+    watch.start()
+    time.sleep(0.3)
+    t0 = time.time()
+    time.sleep(1.0)
+    t1 = time.time()
+    time.sleep(0.3)
+    watch.stop()
+    return Window(t0, t1)
+
+
 def test_the_counter_is_read_over_a_window_while_it_runs() -> None:
     seen: list[str | None] = []
     with run_server(engine(time.time(), seen)) as url:
-        watch = CounterWatch((f"{url}/metrics", f"{url}/metrics"), key="k", interval=0.1).start()
-        time.sleep(0.3)
-        t0 = time.time()
-        time.sleep(1.0)
-        t1 = time.time()
-        time.sleep(0.3)
-        watch.stop()
+        watch = CounterWatch((f"{url}/metrics", f"{url}/metrics"), key="k", interval=0.1)
+        window = watched(watch)
     assert watch.failed is None and len(watch.samples) >= 10
     # Two engines (the same one twice here): their counts add up.
-    tokens = watch.grown(Window(t0, t1))
-    assert tokens == pytest.approx(2 * RATE * (t1 - t0), rel=0.05)
+    tokens = watch.grown(window)
+    assert tokens == pytest.approx(2 * RATE * window.seconds, rel=0.05)
     assert set(seen) == {"Bearer k"}
     # Past the last sample there is no figure.
-    assert watch.grown(Window(t0, time.time() + 5)) is None
+    assert watch.grown(Window(window.t0, time.time() + 5)) is None
 
 
 def test_an_unreachable_engine_is_said_not_guessed() -> None:
@@ -58,16 +65,11 @@ def test_an_unreachable_engine_is_said_not_guessed() -> None:
 
 def test_another_counter_is_read_by_its_name() -> None:
     with run_server(engine(time.time(), [])) as url:
-        watch = CounterWatch((f"{url}/metrics",), name=CPU_COUNTER, interval=0.1).start()
-        time.sleep(0.3)
-        t0 = time.time()
-        time.sleep(1.0)
-        t1 = time.time()
-        time.sleep(0.3)
-        watch.stop()
+        watch = CounterWatch((f"{url}/metrics",), name=CPU_COUNTER, interval=0.1)
+        window = watched(watch)
         absent = CounterWatch((f"{url}/metrics",), name="nothing_total", interval=0.1).start()
         time.sleep(0.3)
         absent.stop()
     assert watch.failed is None
-    assert watch.grown(Window(t0, t1)) == pytest.approx((t1 - t0) / 10, rel=0.05)
+    assert watch.grown(window) == pytest.approx(window.seconds / 10, rel=0.05)
     assert absent.samples == [] and absent.failed == f"{url}/metrics has no nothing_total"
