@@ -25,6 +25,8 @@ EXIT_REFUSED = 3
 SECRET_FLAGS = ("--key", "--engine-key")
 COMPARE_PAIRS = [("vllm", "baseline"), ("gateway", "baseline"), ("gateway", "vllm")]
 # `compare` runs three targets per level: shorter levels, and the 64 users its criteria are stated at.
+# Seconds `bench ui` gives Locust to stop after Ctrl-C before it is killed.
+UI_STOP_GRACE_S = 20.0
 COMPARE_DEFAULTS: dict[str, Any] = {"users": (1, 8, 32, 64), "duration": 40.0, "rounds": 2}
 # vLLM's CPU backend runs the model on one core and its API server on the other; the baseline gets the same single
 # core for the model. Two OpenMP threads on a two-core machine that is also running the load generator collapse to
@@ -367,6 +369,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    import signal
     import subprocess
 
     from loadtests.config import ROOT, LocustRun, locust_argv, locust_env
@@ -407,9 +410,18 @@ def cmd_ui(args: argparse.Namespace) -> int:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     env.update(locust_env(run))
     print(f"bench ui: Locust's web UI on http://{args.web_host}:{args.web_port} for {target.url}; Ctrl-C ends it")
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
-        return subprocess.call(cmd, env=env, cwd=ROOT)
+        return proc.wait()
     except KeyboardInterrupt:
+        # A terminal's Ctrl-C reached Locust too; `kill -INT` reached only this process: pass it on, and let Locust
+        # stop its users before this command ends (never leave it behind, nor unreaped).
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=UI_STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
         return 0
 
 
