@@ -24,9 +24,9 @@ EXIT_FAILED_CRITERIA = 1
 EXIT_REFUSED = 3
 SECRET_FLAGS = ("--key", "--engine-key")
 COMPARE_PAIRS = [("vllm", "baseline"), ("gateway", "baseline"), ("gateway", "vllm")]
-# `compare` runs three targets per level: shorter levels, and the 64 users its criteria are stated at.
 # Seconds `bench ui` gives Locust to stop after Ctrl-C before it is killed.
 UI_STOP_GRACE_S = 20.0
+# `compare` runs three targets per level: shorter levels, and the 64 users its criteria are stated at.
 COMPARE_DEFAULTS: dict[str, Any] = {"users": (1, 8, 32, 64), "duration": 40.0, "rounds": 2}
 # vLLM's CPU backend runs the model on one core and its API server on the other; the baseline gets the same single
 # core for the model. Two OpenMP threads on a two-core machine that is also running the load generator collapse to
@@ -173,11 +173,8 @@ def sweep(targets: list[Target], setup: Setup, folder: Path) -> list[LevelResult
         for round_no in range(1, rounds + 1):
             what = f"round {round_no} of {rounds}" if rounds > 1 else ""
             for target in round_order(targets, round_no):
-                print(
-                    f"bench: {target.name} at {level.label}{f', {what}' if what else ''} ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                where = f"{target.name} at {level.label}" + (f", {what}" if what else "")
+                print(f"bench: {where} ...", file=sys.stderr, flush=True)
                 result = run_level(target, level, setup, folder, round_no=round_no)
                 print(level_line(result, what), file=sys.stderr, flush=True)
                 runs[target.name].append(result)

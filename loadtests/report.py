@@ -282,18 +282,14 @@ def gateway_cpu_table(results: Sequence[LevelResult]) -> list[str]:
     read = [r for r in results if r.gateway_cpu_s is not None]
     if not read:
         return []
-    labels = list(dict.fromkeys(r.level.label for r in read))
-    by_label = {r.level.label: r for r in read}
-    share = (fmt(by_label[label].gateway_cpu_share, 100) for label in labels)
-    per_k = (fmt(by_label[label].gateway_cpu_per_token, 1e6) for label in labels)
     return [
         "",
         "The gateway's own CPU inside its windows (its process_cpu_seconds_total):",
         "",
-        "| gateway | " + " | ".join(labels) + " |",
-        "|---|" + "---|" * len(labels),
-        "| % of one core | " + " | ".join(share) + " |",
-        "| CPU ms per 1000 output tokens | " + " | ".join(per_k) + " |",
+        "| gateway | " + " | ".join(r.level.label for r in read) + " |",
+        "|---|" + "---|" * len(read),
+        "| % of one core | " + " | ".join(fmt(r.gateway_cpu_share, 100) for r in read) + " |",
+        "| CPU ms per 1000 output tokens | " + " | ".join(fmt(r.gateway_cpu_per_token, 1e6) for r in read) + " |",
     ]
 
 
