@@ -26,7 +26,10 @@ INTERVAL = 1.0
 
 @dataclass
 class Sample:
+    # When the sample began; what it read from the gateway's /metrics is as of `metrics_t`, when that answer came
+    # (later: the descriptors are read first, and take a while on a loaded machine).
     t: float
+    metrics_t: float | None = None
     rss: int | None = None
     fds: int | None = None
     # The gateway's TCP connections by peer (client, engine, redis, listen, other; "redis:CLOSE_WAIT" for ones not
@@ -223,6 +226,7 @@ class Sampler:
         with contextlib.suppress(httpx.HTTPError):
             resp = await self._http.get(f"{t.gateway_url}/metrics", headers=self.metrics_headers)
             if resp.status_code == 200:
+                s.metrics_t = time.time()
                 read_gateway_metrics(resp.text, s)
         with contextlib.suppress(httpx.HTTPError):
             resp = await self._http.get(f"{t.engine_url}/metrics", timeout=2)

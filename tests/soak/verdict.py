@@ -113,14 +113,19 @@ def error_reasons(first: Sample, last: Sample) -> dict[str, int]:
 
 
 def errors_outside(samples: list[Sample], windows: list[Window]) -> list[dict[str, Any]]:
-    """Increments of gateway_errors_total, between two samples, that no fault and nothing the load does explains."""
+    """Increments of gateway_errors_total, between two samples, that no fault and nothing the load does explains.
+
+    An increment happened between the start of the sample before and the moment the later one's /metrics answer came:
+    a fault that began while that sample was being taken explains it.
+    """
     found = []
     for before, after in zip(samples, samples[1:], strict=False):
         if not before.errors or not after.errors:
             continue
+        end = after.metrics_t if after.metrics_t is not None else after.t
         for reason, value in after.errors.items():
             delta = value - before.errors.get(reason, 0.0)
-            if delta > 0 and reason not in LOAD_REASONS and window_of(windows, before.t, after.t, reason) is None:
+            if delta > 0 and reason not in LOAD_REASONS and window_of(windows, before.t, end, reason) is None:
                 found.append({"t": round(after.t, 1), "reason": reason, "count": int(delta)})
     return found
 
