@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -12,7 +13,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
+import psutil
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -21,9 +24,11 @@ from serve.config.gateway import LimitsSettings
 from serve.config.keys import KeyRecord
 from serve.gateway.errors import Unavailable
 from serve.gateway.limits import RedisLimiter, create_limiter
+from serve.gateway.limits import redis as redis_limits
 from serve.gateway.limits.base import CONCURRENCY, REQUESTS, TOKENS
 from tests.limits_contract import FakeClock, LimiterContract, make_key, refused
 from tests.servers import free_port
+from tests.soak.redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -436,3 +441,57 @@ def test_a_redis_restart_costs_no_slot_and_no_refusal_once_it_is_back() -> None:
     refused = [r for r in results if isinstance(r, BaseException)]
     assert not refused, f"{len(refused)} of 20 admissions refused after Redis was back: {refused[0]!r}"
     assert held == 0, "slots stayed taken after their requests were settled"
+
+
+def redis_sockets(port: int) -> dict[str, int]:
+    """This process's TCP connections to Redis by state, and its sockets no socket table lists any more ("gone")."""
+    me = psutil.Process()
+    states: dict[str, int] = {}
+    listed = set()
+    for c in me.net_connections(kind="all"):
+        listed.add(c.fd)
+        if c.raddr and c.raddr.port == port:
+            states[c.status] = states.get(c.status, 0) + 1
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:") and int(entry) not in listed:
+                states["gone"] = states.get("gone", 0) + 1
+    return states
+
+
+def test_connections_a_redis_restart_broke_are_closed_even_if_never_used_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst leaves the pool many connections; after a restart a trickle of calls uses only the newest. The others
+    end in CLOSE_WAIT: they must be closed once idle for the expiry, not held for ever."""
+    monkeypatch.setattr(redis_limits, "IDLE_EXPIRY_S", 1.0)
+    server = RedisServer(tmp_path / "redis.log")
+    key = make_key("key_restart2", max_concurrency=50)
+    settings = LimitsSettings(backend="redis", redis_url=server.url, key_prefix=f"t{uuid.uuid4().hex}:")
+
+    async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+        limiter = create_limiter(settings)
+        try:
+            tickets = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(10)))
+            await asyncio.gather(*(limiter.settle(t, 1) for t in tickets))
+            server.kill()
+            server.start()
+            await asyncio.sleep(0.3)
+            broken = redis_sockets(server.port)
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:  # a trickle: one call at a time, for longer than the expiry
+                await limiter.settle(await limiter.acquire(key, 1), 1)
+                await asyncio.sleep(0.2)
+            return broken, redis_sockets(server.port)
+        finally:
+            await limiter.aclose()
+
+    server.start()
+    try:
+        broken, after = asyncio.run(scenario())
+    finally:
+        server.stop()
+    assert broken.get("CLOSE_WAIT", 0) >= 5, f"the restart did not leave the pool's connections broken: {broken}"
+    assert set(after) <= {"ESTABLISHED"} and after.get("ESTABLISHED", 0) <= 2, (
+        f"Redis sockets after a trickle of calls past the idle expiry: {after} (just after the restart: {broken})"
+    )

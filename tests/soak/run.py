@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from serve.gateway.limits.redis import IDLE_EXPIRY_S as REDIS_IDLE_EXPIRY_S
 from tests.soak.faults import GRACE, Faults, Window, plan_for
 from tests.soak.figures import Figures, median_rss, mib
 from tests.soak.gateway import ROOT, SoakGateway, start_gateway
@@ -161,6 +162,11 @@ class Soak:
         faults.join(timeout=900)
         self.rest = self._come_to_rest(sampler)
         time.sleep(KEEPALIVE_SETTLE)
+        # The pooled Redis connections the restart broke and no call took since are closed once idle for the
+        # limiter's expiry (checked every third of it): wait that out too before counting sockets.
+        recovered = faults.recovered_at
+        if recovered is not None:
+            time.sleep(max(0.0, recovered + REDIS_IDLE_EXPIRY_S * 4 / 3 + 1 - time.time()))
         self.end = [sampler.now() for _ in range(3)][-1]
 
     def _run_load(self, locust: subprocess.Popen[bytes], faults: Faults) -> None:

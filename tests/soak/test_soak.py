@@ -24,17 +24,6 @@ RSS_GROWTH_MIB = 20.0
 FD_SLACK = 2
 
 
-# serve/gateway/limits/redis.py: the Redis client's pool keeps the connections a Redis restart broke (no retry on a
-# connection error, no health check). Each fails the first call that takes it, whenever that is: an admission (503
-# limits_unavailable long after Redis is back) or a settle (the slot stays taken until its lease runs out, up to
-# slot_lease after its request ended); and its socket is never closed (CLOSE_WAIT, then dead). How often the first
-# two happen depends on which pooled connections later bursts take; the third happens in every run. Remove the
-# mark once the limiter retries a broken connection and the pool lets go of them.
-REDIS_POOL_KEEPS_BROKEN_CONNECTIONS = pytest.mark.xfail(
-    reason="the Redis limiter's pool keeps connections a Redis restart broke", strict=False
-)
-
-
 @pytest.fixture(scope="module")
 def figures(soak_engine: Engine, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Figures:
     folder = tmp_path_factory.mktemp("soak")
@@ -72,7 +61,6 @@ def test_everything_in_flight_comes_back_to_zero(figures: Figures) -> None:
     assert figures.conns_end.get("client") == 0, f"client connections left open: {figures.conns_end}"
 
 
-@REDIS_POOL_KEEPS_BROKEN_CONNECTIONS
 def test_limiter_slots_come_back_when_their_requests_end(figures: Figures) -> None:
     slots = figures.final["limiter_slots"]
     assert slots is not None and not any(slots.values()), (
@@ -104,7 +92,6 @@ def test_fds_return_to_their_baseline(figures: Figures) -> None:
     )
 
 
-@REDIS_POOL_KEEPS_BROKEN_CONNECTIONS
 def test_no_socket_outlives_its_connection(figures: Figures) -> None:
     """A connection its peer closed (CLOSE_WAIT), or that ended since (no socket table lists it), is closed."""
     stale = {name: n for name, n in figures.conns_end.items() if ":" in name and n}
@@ -120,7 +107,6 @@ def test_every_5xx_is_explained_by_a_fault(figures: Figures) -> None:
     )
 
 
-@REDIS_POOL_KEEPS_BROKEN_CONNECTIONS
 def test_no_limiter_refusal_once_redis_is_back(figures: Figures) -> None:
     late = {
         "gateway": figures.server_5xx_by_fault.get(LATE_REDIS),

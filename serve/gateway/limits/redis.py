@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+import weakref
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -32,6 +34,46 @@ from serve.gateway.limits.base import (
 )
 
 log = logging.getLogger(__name__)
+
+# A pooled connection unused this long is closed (httpx does the same with keep-alive connections). Beyond keeping the
+# pool no larger than recent load needs, this is what lets go of the connections a Redis restart broke that no call
+# takes any more: the pool hands out the most recently used first, so those left over from a past burst would
+# otherwise stay open (CLOSE_WAIT) for ever.
+IDLE_EXPIRY_S = 30.0
+
+
+class IdleExpiringPool(aioredis.ConnectionPool):
+    """redis-py's pool, plus `close_idle`: connections released longer ago than `idle_expiry` are taken out and closed.
+
+    The pool already checks each connection it hands out (one the server closed is reconnected first); this only adds
+    the connections nobody takes.
+    """
+
+    def __init__(self, *args: object, idle_expiry: float, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.idle_expiry = idle_expiry
+        self._released_at: weakref.WeakKeyDictionary[aioredis.connection.AbstractConnection, float] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def release(self, connection: aioredis.connection.AbstractConnection) -> None:
+        self._released_at[connection] = time.monotonic()
+        await super().release(connection)
+
+    async def close_idle(self) -> int:
+        """Close the connections idle for longer than `idle_expiry`; how many there were."""
+        cutoff = time.monotonic() - self.idle_expiry
+        # Under the pool's own lock, so that none of them is handed out while it is being closed.
+        async with self._lock:
+            stale = [c for c in self._available_connections if self._released_at.get(c, cutoff) <= cutoff]
+            for connection in stale:
+                self._available_connections.remove(connection)
+        results = await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.debug("closing an idle Redis connection: %s", result)
+        return len(stale)
+
 
 # Shared by every script. ARGV[1] is empty: the time is Redis' own (TIME), one clock for every gateway whatever
 # theirs say; tests pin it with a number instead. Redis 5 and later replicate a script's effects (the commands it
@@ -161,7 +203,7 @@ class RedisLimiter(Limiter):
         self._renew = client.register_script(_RENEW)
         self._count = client.register_script(_COUNT)
         self._held: dict[str, Ticket] = {}
-        self._renewer: asyncio.Task[None] | None = None
+        self._upkeep: asyncio.Task[None] | None = None
         # Give-backs of admissions whose caller was cancelled meanwhile; kept so the loop does not drop them.
         self._orphans: set[asyncio.Future[None]] = set()
 
@@ -170,7 +212,7 @@ class RedisLimiter(Limiter):
         url = settings.resolved_redis_url()
         if not url:
             raise ValueError("the Redis limits backend needs a URL")
-        client = aioredis.from_url(
+        pool = IdleExpiringPool.from_url(
             url,
             decode_responses=True,
             socket_timeout=settings.redis_timeout,
@@ -181,7 +223,9 @@ class RedisLimiter(Limiter):
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
             health_check_interval=5,
+            idle_expiry=IDLE_EXPIRY_S,
         )
+        client = aioredis.Redis.from_pool(pool)
         return cls(client, key_prefix=settings.key_prefix, slot_lease=settings.slot_lease, clock=clock)
 
     def _now(self) -> str:
@@ -238,8 +282,8 @@ class RedisLimiter(Limiter):
             headers=rate_headers(limits, seen.requests, seen.tokens),
         )
         self._held[ticket_id] = ticket
-        if self._renewer is None or self._renewer.done():
-            self._renewer = asyncio.create_task(self._renew_forever(), name="limits-lease-renewal")
+        if self._upkeep is None or self._upkeep.done():
+            self._upkeep = asyncio.create_task(self._upkeep_forever(), name="limits-upkeep")
         return ticket
 
     async def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
@@ -278,21 +322,27 @@ class RedisLimiter(Limiter):
         for key_id, ids in by_key.items():
             await self._renew(keys=[self._key(key_id, "slots")], args=[now, repr(self._lease), *ids])
 
-    async def _renew_forever(self) -> None:
-        # A third of the lease: two renewals may fail before a live request loses its slot.
+    async def _upkeep_forever(self) -> None:
+        # Every third of the lease, so that two renewals may fail before a live request loses its slot; and every
+        # third of the pool's idle expiry, so that an idle connection is closed at most a third of it late.
+        pool = self._redis.connection_pool
+        expiring = pool if isinstance(pool, IdleExpiringPool) else None
+        period = min(self._lease, expiring.idle_expiry if expiring else self._lease) / 3
         while True:
-            await asyncio.sleep(self._lease / 3)
+            await asyncio.sleep(period)
             try:
                 await self.renew()
             except RedisError as exc:
                 log.warning("could not renew concurrency slots in the limits backend: %s", exc)
+            if expiring is not None:
+                await expiring.close_idle()
 
     async def aclose(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
+        if self._upkeep is not None:
+            self._upkeep.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+                await self._upkeep
+            self._upkeep = None
         self._held.clear()
         if self._orphans:
             await asyncio.gather(*self._orphans, return_exceptions=True)
