@@ -150,10 +150,14 @@ class ClientWatch:
         # Requests not watched yet, oldest first (dicts keep insertion order): context -> (task, receive).
         self._pending: dict[RequestContext, tuple[asyncio.Task[Any], Callable[[], Any]]] = {}
         self._watchers: dict[RequestContext, asyncio.Task[None]] = {}
+        # Set when a request comes while none was pending: `run` sleeps on it, so an idle gateway is not woken.
+        self._arrived = asyncio.Event()
 
     def add(self, ctx: RequestContext, receive: Callable[[], Any]) -> None:
         task = asyncio.current_task()
         if task is not None:
+            if not self._pending:
+                self._arrived.set()
             self._pending[ctx] = (task, receive)
 
     def discard(self, ctx: RequestContext) -> None:
@@ -164,6 +168,9 @@ class ClientWatch:
 
     async def run(self) -> None:
         while True:
+            if not self._pending:
+                self._arrived.clear()
+                await self._arrived.wait()
             await asyncio.sleep(WATCH_AFTER / 2)
             self.start_due(time.perf_counter() - WATCH_AFTER)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -12,6 +13,11 @@ log = logging.getLogger(__name__)
 
 def _nothing() -> int:
     return 0
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Drain:
@@ -24,15 +30,34 @@ class Drain:
         self.on_done: Callable[[], None] | None = None
         # Set by the app: called when the drain begins, on the loop (it refuses what waits in the queues).
         self.on_begin: Callable[[], object] | None = None
+        # Set while `watch` waits for the drain to begin: wakes it.
+        self._wake: Callable[[], None] | None = None
 
     def begin(self) -> None:
-        """Safe to call from a signal handler: it only flips a flag that `watch` polls."""
+        """Safe from a signal handler or another thread: it flips a flag and wakes `watch` through the loop's
+        thread-safe call."""
         self.active = True
+        wake = self._wake
+        if wake is not None:
+            wake()
 
     async def watch(self, poll: float = 0.05) -> None:
-        # Polled rather than an asyncio.Event: `begin` runs inside a signal handler, where touching the loop is unsafe.
-        while not self.active:  # noqa: ASYNC110
-            await asyncio.sleep(poll)
+        # Asleep until the drain begins: an idle gateway wakes for nothing. `begin` sets the flag before it looks for
+        # the hook and the hook is set before the flag is looked at again, so one of the two always sees the other.
+        if not self.active:
+            loop = asyncio.get_running_loop()
+            begun: asyncio.Future[None] = loop.create_future()
+
+            def wake() -> None:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing is left to drain
+                    loop.call_soon_threadsafe(_settle, begun)
+
+            self._wake = wake
+            try:
+                if not self.active:
+                    await begun
+            finally:
+                self._wake = None
         if self.on_begin is not None:
             # Queued requests are answered 503 at once; only those in flight finish.
             self.on_begin()

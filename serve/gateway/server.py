@@ -41,7 +41,7 @@ class GatewayServer(uvicorn.Server):
         self.should_exit = True
 
     def stop(self) -> None:
-        """Safe from a signal handler or another thread: it only sets flags the event loop polls."""
+        """Safe from a signal handler or another thread: it sets flags the event loop polls, or begins the drain."""
         if self.drain.active:
             self.should_exit = True
         else:
