@@ -25,7 +25,7 @@ from serve.config.keys import KeyRecord
 from serve.gateway.errors import Unavailable
 from serve.gateway.limits import RedisLimiter, create_limiter
 from serve.gateway.limits import redis as redis_limits
-from serve.gateway.limits.base import CONCURRENCY, REQUESTS, TOKENS
+from serve.gateway.limits.base import CONCURRENCY, REQUESTS, TOKENS, Limiter, Ticket
 from tests.limits_contract import FakeClock, LimiterContract, make_key, refused
 from tests.servers import free_port
 from tests.soak.redis_server import RedisServer
@@ -385,59 +385,37 @@ async def test_a_replica_of_redis_stores_what_the_primary_stored(prefix: str) ->
                 await replica.aclose()
 
 
-def test_a_redis_restart_costs_no_slot_and_no_refusal_once_it_is_back() -> None:
+async def burst_then_restart(limiter: Limiter, key: KeyRecord, server: RedisServer, burst: int) -> None:
+    """A burst fills the limiter's pool with connections; then Redis is killed and started again (empty): every
+    pooled connection is broken."""
+    tickets = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(burst)))
+    await asyncio.gather(*(limiter.settle(t, 1) for t in tickets))
+    server.kill()
+    server.start()
+
+
+def test_a_redis_restart_costs_no_slot_and_no_refusal_once_it_is_back(tmp_path: Path) -> None:
     """Pooled connections die with Redis; the limiter must not keep using them (slots would be held, 503s given)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server is not installed")
-    port = free_port()
-    folder = tempfile.mkdtemp(prefix="redis-")
-    argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder]
+    server = RedisServer(tmp_path / "redis.log")
+    key = make_key("key_restart", max_concurrency=50)
+    settings = LimitsSettings(backend="redis", redis_url=server.url, key_prefix=f"t{uuid.uuid4().hex}:")
 
-    def start() -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = redis.Redis(port=port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                probe.ping()
-                probe.close()
-                return proc
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    key = KeyRecord.model_validate(
-        {"id": "key_restart", "name": "r", "sha256": "0" * 64, "created": "2026-01-01T00:00:00Z", "max_concurrency": 50}
-    )
-    settings = LimitsSettings(
-        backend="redis", redis_url=f"redis://127.0.0.1:{port}/0", key_prefix=f"t{uuid.uuid4().hex}:"
-    )
-
-    async def scenario(first: subprocess.Popen[bytes]) -> tuple[list[object], int]:
+    async def scenario() -> tuple[list[object], int]:
         limiter = create_limiter(settings)
         try:
-            # A burst fills the pool with connections.
-            tickets = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(20)))
-            await asyncio.gather(*(limiter.settle(t, 1) for t in tickets))
-            first.kill()
-            first.wait()
-            second = start()
-            try:
-                await asyncio.sleep(0.5)
-                results = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(20)), return_exceptions=True)
-                await asyncio.gather(*(limiter.settle(t, 1) for t in results if not isinstance(t, BaseException)))
-                return results, await limiter.outstanding(key.id)
-            finally:
-                second.kill()
-                second.wait()
+            await burst_then_restart(limiter, key, server, 20)
+            await asyncio.sleep(0.5)
+            results = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(20)), return_exceptions=True)
+            await asyncio.gather(*(limiter.settle(t, 1) for t in results if isinstance(t, Ticket)))
+            return results, await limiter.outstanding(key.id)
         finally:
             await limiter.aclose()
 
+    server.start()
     try:
-        results, held = asyncio.run(scenario(start()))
+        results, held = asyncio.run(scenario())
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        server.stop()
     refused = [r for r in results if isinstance(r, BaseException)]
     assert not refused, f"{len(refused)} of 20 admissions refused after Redis was back: {refused[0]!r}"
     assert held == 0, "slots stayed taken after their requests were settled"
@@ -472,10 +450,7 @@ def test_connections_a_redis_restart_broke_are_closed_even_if_never_used_again(
     async def scenario() -> tuple[dict[str, int], dict[str, int]]:
         limiter = create_limiter(settings)
         try:
-            tickets = await asyncio.gather(*(limiter.acquire(key, 1) for _ in range(10)))
-            await asyncio.gather(*(limiter.settle(t, 1) for t in tickets))
-            server.kill()
-            server.start()
+            await burst_then_restart(limiter, key, server, 10)
             await asyncio.sleep(0.3)
             broken = redis_sockets(server.port)
             deadline = time.monotonic() + 5
