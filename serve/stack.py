@@ -18,6 +18,7 @@ from serve.config.keys import create_key, digest, load_keys
 from serve.config.model_file import ModelFile
 from serve.config.settings import ENGINE_KEY_ENV, StateFolder, environment
 from serve.engine.command import build_engine_command
+from serve.engine.placement import format_cpus, gateway_cpus
 from serve.engine.process import (
     ChildProcess,
     ProcessStartError,
@@ -233,6 +234,19 @@ async def shutdown(stack: Stack) -> None:
     )
 
 
+def gateway_placement(stack: Stack) -> set[int] | None:
+    """The CPUs for the gateway: off those the engines' threads are bound to (serve.engine.placement)."""
+    pids = [pid for engine in stack.engines if (pid := engine.child.pid) is not None]
+    try:
+        cpus = gateway_cpus(pids)
+    except OSError as exc:  # no /proc: leave the gateway where the kernel puts it
+        log.info("cannot read where the engines run (%s): the gateway is not pinned", exc)
+        return None
+    if cpus is not None:
+        print(f"gateway on CPUs {format_cpus(cpus)}, off the cores the engines' threads are bound to", file=sys.stderr)
+    return cpus
+
+
 async def run_stack(stack: Stack) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -257,6 +271,7 @@ async def run_stack(stack: Stack) -> int:
             argv=[sys.executable, "-m", "serve.cli", "gateway", "--config", str(runtime)],
             env={ENGINE_KEY_ENV: engine_key},
             log_path=None,
+            cpus=gateway_placement(stack),
         )
         await stack.gateway.start()
         url = f"http://{stack.gateway_file.host}:{stack.gateway_file.port}"

@@ -39,12 +39,21 @@ class ProcessStartError(Exception):
 
 
 class ChildProcess:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path | None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], log_path: Path | None, cpus: set[int] | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.env = env
         self.log_path = log_path
+        # The CPUs it runs on (all its threads, set before it starts); None: wherever the kernel puts it.
+        self.cpus = cpus
         self.proc: asyncio.subprocess.Process | None = None
+
+    def _in_child(self) -> None:
+        die_with_parent()
+        if self.cpus is not None:
+            os.sched_setaffinity(0, self.cpus)
 
     @property
     def pid(self) -> int | None:
@@ -69,7 +78,7 @@ class ChildProcess:
                 stderr=asyncio.subprocess.STDOUT if out is not None else None,
                 # Own process group: a terminal's Ctrl-C reaches only us, and we stop children in order.
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=self._in_child,
             )
         finally:
             if out is not None:

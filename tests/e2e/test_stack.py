@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 
 import httpx
 import openai
+import psutil
 import pytest
 from openai import OpenAI
 
@@ -187,6 +189,37 @@ def test_cancelled_streams_release_engine_gateway_and_key_slots(stack: RunningSt
             time.sleep(0.2)
     final = httpx.post(f"{stack.v1}/chat/completions", json={**body, "stream": False, "max_tokens": 2}, headers=headers)
     assert final.status_code == 200, "the key's concurrency slots were not all released"
+
+
+def thread_cpus(process: psutil.Process) -> dict[int, set[int]]:
+    """Each thread's allowed CPUs (threads that ended meanwhile are left out)."""
+    found = {}
+    for thread in process.threads():
+        with contextlib.suppress(OSError):
+            found[thread.id] = os.sched_getaffinity(thread.id)
+    return found
+
+
+def test_the_gateway_runs_off_the_cores_the_engine_binds_its_threads_to(stack: RunningStack) -> None:
+    children = stack.descendants()
+    gateway = next(p for p in children if "serve.cli gateway" in " ".join(p.cmdline()))
+    available = os.sched_getaffinity(stack.proc.pid)
+    bound: set[int] = set()
+    for process in children:
+        if process.pid != gateway.pid:
+            for cpus in thread_cpus(process).values():
+                if cpus < available:
+                    bound |= cpus
+    # vLLM's CPU backend binds its model's OpenMP threads to cores of their own whenever it has two or more.
+    if len(available) > 1:
+        assert bound, f"no engine thread is bound to a core (CPUs {sorted(available)})"
+    gateway_threads = thread_cpus(gateway)
+    assert gateway_threads
+    for tid, cpus in gateway_threads.items():
+        if bound and bound != available:
+            assert cpus == available - bound, f"gateway thread {tid} on CPUs {sorted(cpus)}; engine threads on {bound}"
+        else:
+            assert cpus == available, f"gateway thread {tid} pinned to {sorted(cpus)} with no free core"
 
 
 def test_zz_engine_that_dies_is_restarted_and_readiness_follows(stack: RunningStack) -> None:
