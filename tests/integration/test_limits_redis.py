@@ -421,19 +421,27 @@ def test_a_redis_restart_costs_no_slot_and_no_refusal_once_it_is_back(tmp_path: 
     assert held == 0, "slots stayed taken after their requests were settled"
 
 
-def redis_sockets(port: int) -> dict[str, int]:
-    """This process's TCP connections to Redis by state, and its sockets no socket table lists any more ("gone")."""
-    me = psutil.Process()
+def socket_fds() -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+                found.add(int(entry))
+    return found
+
+
+def redis_sockets(port: int, before: set[int]) -> dict[str, int]:
+    """This process's TCP connections to Redis by state, and the sockets opened since `before` that no socket table
+    lists any more ("gone")."""
     states: dict[str, int] = {}
     listed = set()
-    for c in me.net_connections(kind="all"):
+    for c in psutil.Process().net_connections(kind="all"):
         listed.add(c.fd)
         if c.raddr and c.raddr.port == port:
             states[c.status] = states.get(c.status, 0) + 1
-    for entry in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/self/fd/{entry}").startswith("socket:") and int(entry) not in listed:
-                states["gone"] = states.get("gone", 0) + 1
+    gone = len(socket_fds() - listed - before)
+    if gone:
+        states["gone"] = gone
     return states
 
 
@@ -448,16 +456,18 @@ def test_connections_a_redis_restart_broke_are_closed_even_if_never_used_again(
     settings = LimitsSettings(backend="redis", redis_url=server.url, key_prefix=f"t{uuid.uuid4().hex}:")
 
     async def scenario() -> tuple[dict[str, int], dict[str, int]]:
+        before = socket_fds()
         limiter = create_limiter(settings)
         try:
             await burst_then_restart(limiter, key, server, 10)
+            # Counted before the loop runs anything else: the upkeep cannot have closed any yet.
+            broken = redis_sockets(server.port, before)
             await asyncio.sleep(0.3)
-            broken = redis_sockets(server.port)
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:  # a trickle: one call at a time, for longer than the expiry
                 await limiter.settle(await limiter.acquire(key, 1), 1)
                 await asyncio.sleep(0.2)
-            return broken, redis_sockets(server.port)
+            return broken, redis_sockets(server.port, before)
         finally:
             await limiter.aclose()
 

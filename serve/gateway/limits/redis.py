@@ -68,7 +68,8 @@ class IdleExpiringPool(aioredis.ConnectionPool):
             stale = [c for c in self._available_connections if self._released_at.get(c, cutoff) <= cutoff]
             for connection in stale:
                 self._available_connections.remove(connection)
-        results = await asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True)
+        # Shielded: once out of the pool, nothing else would close them if the upkeep were cancelled meanwhile.
+        results = await asyncio.shield(asyncio.gather(*(c.disconnect() for c in stale), return_exceptions=True))
         for result in results:
             if isinstance(result, BaseException):
                 log.debug("closing an idle Redis connection: %s", result)
@@ -248,6 +249,9 @@ class RedisLimiter(Limiter):
             ticket_id,
             repr(self._lease),
         ]
+        # The upkeep (lease renewal, idle connections) runs from the first call on, whatever its answer.
+        if self._upkeep is None or self._upkeep.done():
+            self._upkeep = asyncio.create_task(self._upkeep_forever(), name="limits-upkeep")
         keys = [self._key(key.id, "requests"), self._key(key.id, "tokens"), self._key(key.id, "slots")]
         call = asyncio.ensure_future(self._acquire(keys=keys, args=args))
         try:
@@ -282,8 +286,6 @@ class RedisLimiter(Limiter):
             headers=rate_headers(limits, seen.requests, seen.tokens),
         )
         self._held[ticket_id] = ticket
-        if self._upkeep is None or self._upkeep.done():
-            self._upkeep = asyncio.create_task(self._upkeep_forever(), name="limits-upkeep")
         return ticket
 
     async def settle(self, ticket: Ticket, used_tokens: int | None) -> None:
@@ -324,7 +326,8 @@ class RedisLimiter(Limiter):
 
     async def _upkeep_forever(self) -> None:
         # Every third of the lease, so that two renewals may fail before a live request loses its slot; and every
-        # third of the pool's idle expiry, so that an idle connection is closed at most a third of it late.
+        # third of the pool's idle expiry, so that an idle connection is closed at most a third of it late (with the
+        # default 60 s lease and 30 s expiry: every 10 s, renewals included).
         pool = self._redis.connection_pool
         expiring = pool if isinstance(pool, IdleExpiringPool) else None
         period = min(self._lease, expiring.idle_expiry if expiring else self._lease) / 3
