@@ -236,10 +236,15 @@ async def shutdown(stack: Stack) -> None:
 
 def gateway_placement(stack: Stack) -> set[int] | None:
     """The CPUs for the gateway: off those the engines' threads are bound to (serve.engine.placement)."""
-    pids = [pid for engine in stack.engines if (pid := engine.child.pid) is not None]
+    # CPU engines only: a GPU engine's threads may be bound near its GPU, which says nothing of the model's cores.
+    pids = [
+        pid for engine in stack.engines if engine.model.engine.device == "cpu" and (pid := engine.child.pid) is not None
+    ]
+    if not pids:
+        return None
     try:
         cpus = gateway_cpus(pids)
-    except OSError as exc:  # no /proc: leave the gateway where the kernel puts it
+    except (OSError, AttributeError) as exc:  # no /proc, or no sched_getaffinity: the gateway is not pinned
         log.info("cannot read where the engines run (%s): the gateway is not pinned", exc)
         return None
     if cpus is not None:

@@ -193,16 +193,23 @@ def test_cancelled_streams_release_engine_gateway_and_key_slots(stack: RunningSt
 
 def thread_cpus(process: psutil.Process) -> dict[int, set[int]]:
     """Each thread's allowed CPUs (threads that ended meanwhile are left out)."""
-    found = {}
-    for thread in process.threads():
-        with contextlib.suppress(OSError):
-            found[thread.id] = os.sched_getaffinity(thread.id)
+    found: dict[int, set[int]] = {}
+    with contextlib.suppress(psutil.Error):
+        for thread in process.threads():
+            with contextlib.suppress(OSError):
+                found[thread.id] = os.sched_getaffinity(thread.id)
     return found
+
+
+def command_line(process: psutil.Process) -> list[str]:
+    with contextlib.suppress(psutil.Error):
+        return process.cmdline()
+    return []
 
 
 def test_the_gateway_runs_off_the_cores_the_engine_binds_its_threads_to(stack: RunningStack) -> None:
     children = stack.descendants()
-    gateway = next(p for p in children if "serve.cli gateway" in " ".join(p.cmdline()))
+    gateway = next(p for p in children if "serve.cli gateway" in " ".join(command_line(p)))
     available = os.sched_getaffinity(stack.proc.pid)
     bound: set[int] = set()
     for process in children:
