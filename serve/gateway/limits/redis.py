@@ -60,8 +60,8 @@ class IdleExpiringPool(aioredis.ConnectionPool):
         self._released_at[connection] = time.monotonic()
         await super().release(connection)
 
-    async def close_idle(self) -> int:
-        """Close the connections idle for longer than `idle_expiry`; how many there were."""
+    async def close_idle(self) -> None:
+        """Close the connections idle for longer than `idle_expiry`."""
         cutoff = time.monotonic() - self.idle_expiry
         # Under the pool's own lock, so that none of them is handed out while it is being closed.
         async with self._lock:
@@ -73,7 +73,6 @@ class IdleExpiringPool(aioredis.ConnectionPool):
         for result in results:
             if isinstance(result, BaseException):
                 log.debug("closing an idle Redis connection: %s", result)
-        return len(stale)
 
 
 # Shared by every script. ARGV[1] is empty: the time is Redis' own (TIME), one clock for every gateway whatever
