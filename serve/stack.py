@@ -248,7 +248,7 @@ def gateway_placement(stack: Stack) -> set[int] | None:
         log.info("cannot read where the engines run (%s): the gateway is not pinned", exc)
         return None
     if cpus is not None:
-        print(f"gateway on CPUs {format_cpus(cpus)}, off the cores the engines' threads are bound to", file=sys.stderr)
+        print(f"gateway on {format_cpus(cpus)}, off the cores the engines' threads are bound to", file=sys.stderr)
     return cpus
 
 

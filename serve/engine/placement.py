@@ -78,4 +78,14 @@ def gateway_cpus(engine_pids: Iterable[int], proc: Path = PROC, available: set[i
 
 
 def format_cpus(cpus: set[int]) -> str:
-    return ",".join(str(c) for c in sorted(cpus))
+    """A set of CPUs as the kernel writes a CPU list ("0-3,8"), runs of three or more as ranges, with its noun."""
+    parts: list[str] = []
+    ordered = sorted(cpus)
+    start = 0
+    for i, cpu in enumerate(ordered):
+        if i + 1 < len(ordered) and ordered[i + 1] == cpu + 1:
+            continue
+        run = ordered[start : i + 1]
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ",".join(map(str, run)))
+        start = i + 1
+    return ("CPU " if len(ordered) == 1 else "CPUs ") + ",".join(parts)

@@ -34,7 +34,12 @@ def proc(tmp_path: Path) -> Path:
 def test_cpu_lists_as_the_kernel_writes_them() -> None:
     assert parse_cpu_list("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
     assert parse_cpu_list("5") == {5}
-    assert format_cpus({3, 1, 2}) == "1,2,3"
+    assert format_cpus({1}) == "CPU 1"
+    assert format_cpus({3, 1}) == "CPUs 1,3"
+    assert format_cpus({0, 2, 3, 4, 7, 8, 10, 11, 12, 13}) == "CPUs 0,2-4,7,8,10-13"
+    many = set(range(1, 128))
+    assert format_cpus(many) == "CPUs 1-127"
+    assert parse_cpu_list(format_cpus(many).removeprefix("CPUs ")) == many
 
 
 def test_a_process_tree_holds_the_children_of_children(proc: Path) -> None:
