@@ -10,11 +10,12 @@ found), the gateway is left where the kernel puts it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 from collections.abc import Iterable
 from pathlib import Path
 
-PROC = Path("/proc")
+from serve.engine.process import PROC, parent_ids
 
 
 def parse_cpu_list(text: str) -> set[int]:
@@ -40,13 +41,8 @@ def thread_cpus(status: Path) -> set[int] | None:
 def process_tree(roots: Iterable[int], proc: Path = PROC) -> set[int]:
     """The given processes and all their descendants."""
     children: dict[int, list[int]] = {}
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # The command name (field 2) may hold spaces and parentheses: the parent id follows its last ")".
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    for pid, parent in parent_ids(proc).items():
+        children.setdefault(parent, []).append(pid)
     found: set[int] = set()
     todo = list(roots)
     while todo:
@@ -79,13 +75,9 @@ def gateway_cpus(engine_pids: Iterable[int], proc: Path = PROC, available: set[i
 
 def format_cpus(cpus: set[int]) -> str:
     """A set of CPUs as the kernel writes a CPU list ("0-3,8"), runs of three or more as ranges, with its noun."""
-    parts: list[str] = []
-    ordered = sorted(cpus)
-    start = 0
-    for i, cpu in enumerate(ordered):
-        if i + 1 < len(ordered) and ordered[i + 1] == cpu + 1:
-            continue
-        run = ordered[start : i + 1]
+    parts = []
+    # Consecutive CPUs share their difference from their place in the sorted list.
+    for _, group in itertools.groupby(enumerate(sorted(cpus)), key=lambda placed: placed[1] - placed[0]):
+        run = [cpu for _, cpu in group]
         parts.append(f"{run[0]}-{run[-1]}" if len(run) >= 3 else ",".join(map(str, run)))
-        start = i + 1
-    return ("CPU " if len(ordered) == 1 else "CPUs ") + ",".join(parts)
+    return ("CPU " if len(cpus) == 1 else "CPUs ") + ",".join(parts)

@@ -19,12 +19,23 @@ import httpx
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PROC = Path("/proc")
 
 
 def die_with_parent() -> None:
     """Ask the kernel to send SIGTERM to this process when its parent dies (Linux only; no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def parent_ids(proc: Path = PROC) -> dict[int, int]:
+    """Each running process's parent, from /proc (empty without it); processes that end meanwhile are left out."""
+    parents: dict[int, int] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # The fields after the command name, which may hold spaces and parentheses: state, then ppid.
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    return parents
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from serve.config.model_file import load_model_file
-from serve.engine.process import die_with_parent
+from serve.engine.process import die_with_parent, parent_ids
 from serve.logs import setup_logging
 from serve.ray.serve_config import serving_args
 
@@ -44,13 +44,8 @@ def become_subreaper() -> None:
 
 
 def children() -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            # The fields after the command name, which may hold spaces and parentheses: state, then ppid.
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == os.getpid():
-                pids.append(int(stat.parent.name))
-    return pids
+    me = os.getpid()
+    return [pid for pid, parent in parent_ids().items() if parent == me]
 
 
 def command(pid: int) -> str:
